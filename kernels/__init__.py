@@ -1,0 +1,9 @@
+"""Triton kernels of tokemb-fast (installed as ``tokemb_fast.kernels``).
+
+Only ``@triton.jit`` functions live here: no shapes are checked and nothing is launched. The
+launchers, with their argument checks, are in ``tokemb_fast.triton_ops``.
+"""
+from .backward import embedding_grad_rows_kernel, segment_chunk_sums_kernel
+from .forward import input_embedding_fwd_kernel
+
+__all__ = ["input_embedding_fwd_kernel", "segment_chunk_sums_kernel", "embedding_grad_rows_kernel"]

@@ -1,0 +1,160 @@
+"""Backward kernels: a deterministic, single-write embedding gradient.
+
+grad_table[r, :] = sum of grad_out[b, t, :] over every (b, t) whose key (token id, or position)
+is r. The same two kernels serve the token table and the position table.
+
+Why not atomic_add: float atomics make the summation order depend on scheduling, so the
+gradient changes in its last bits from run to run; they also need an fp32 scratch table for
+bf16/fp16 (no native half-precision atomics at this width) and a zero-fill pass first.
+
+Instead the caller sorts the keys once (a stable device sort, no host sync), so the entries of
+each table row form one contiguous *segment* of the sorted order. Each program then owns a few
+table rows, finds their segments by binary search, sums the grad rows of each segment in a fixed
+order in fp32 registers, and writes every table row exactly once (untouched rows get zeros).
+
+One very frequent key (all ids equal, or Zipf's head) would serialise a whole batch in one
+program. So the sorted order is also cut into fixed CHUNK-sized pieces: a first kernel sums each
+piece that lies inside a single segment; a row whose segment covers whole pieces adds those
+partial sums instead of their rows. Serial work per row is then below 2*CHUNK + n_entries/CHUNK
+loads, whatever the id distribution, and the summation order depends only on the sorted order,
+which is deterministic.
+
+Default positions (arange(T) + past_length, shared by every batch row) need no sort: the sorted
+order is known in closed form, which the IMPLICIT_POSITIONS variant computes instead of loading.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sorted_entry(j, keys_ptr, order_ptr, mask, batch, seq_len, past_length,
+                  IMPLICIT_POSITIONS: tl.constexpr):
+    """Key and (b, t) source of the j-th entry of the sorted order."""
+    if IMPLICIT_POSITIONS:
+        # Sorted by position, batch rows in order: entry j is (b, t) = (j % B, j // B).
+        step = j // batch
+        b = j - step * batch
+        key = step + past_length
+    else:
+        key = tl.load(keys_ptr + j, mask=mask, other=-1).to(tl.int64)
+        flat = tl.load(order_ptr + j, mask=mask, other=0).to(tl.int64)
+        b = flat // seq_len
+        step = flat - b * seq_len
+    return key, b, step
+
+
+@triton.jit
+def _segment_start(target, keys_ptr, n_entries, search_steps, batch, seq_len, past_length,
+                   IMPLICIT_POSITIONS: tl.constexpr):
+    """First sorted index whose key is >= target (a vector lower_bound)."""
+    if IMPLICIT_POSITIONS:
+        step = tl.minimum(tl.maximum(target - past_length, 0), seq_len)
+        return step * batch
+    else:
+        lo = tl.zeros_like(target)
+        hi = tl.zeros_like(target) + n_entries
+        for _ in range(search_steps):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            key = tl.load(keys_ptr + mid, mask=active, other=0).to(tl.int64)
+            go_right = active & (key < target)
+            hi = tl.where(active & (key >= target), mid, hi)
+            lo = tl.where(go_right, mid + 1, lo)
+        return lo
+
+
+@triton.jit
+def segment_chunk_sums_kernel(
+    chunk_sums_ptr,              # [n_entries // CHUNK, D], accumulator dtype
+    grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
+    keys_ptr, order_ptr,
+    n_entries, dim, batch, seq_len, past_length,
+    IMPLICIT_POSITIONS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    first = chunk * CHUNK
+    key_first, _b0, _t0 = _sorted_entry(first, keys_ptr, order_ptr, True, batch, seq_len, past_length,
+                                        IMPLICIT_POSITIONS)
+    key_last, _b1, _t1 = _sorted_entry(first + CHUNK - 1, keys_ptr, order_ptr, True, batch, seq_len,
+                                       past_length, IMPLICIT_POSITIONS)
+    # Only a chunk inside one segment is ever read back (see the row kernel), so the others do
+    # nothing. The grid holds only full chunks, so both ends above are in range.
+    if key_first == key_last:
+        entries = first + tl.arange(0, CHUNK)
+        _key, b, step = _sorted_entry(entries, keys_ptr, order_ptr, entries < n_entries, batch, seq_len,
+                                      past_length, IMPLICIT_POSITIONS)
+        src = grad_out_ptr + b[:, None] * stride_grad_b + step[:, None] * stride_grad_t \
+            + cols[None, :] * stride_grad_d
+        tile = tl.load(src, mask=col_ok[None, :], other=0.0)
+        if ACC_FP64:
+            total = tl.sum(tile.to(tl.float64), axis=0)
+        else:
+            total = tl.sum(tile.to(tl.float32), axis=0)
+        tl.store(chunk_sums_ptr + chunk * dim + cols, total, mask=col_ok)
+
+
+@triton.jit
+def embedding_grad_rows_kernel(
+    grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype; every row written
+    grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
+    keys_ptr, order_ptr, chunk_sums_ptr,
+    n_entries, search_steps, num_rows, dim, batch, seq_len, past_length,
+    IMPLICIT_POSITIONS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    col_ok = cols < dim
+
+    start = _segment_start(rows, keys_ptr, n_entries, search_steps, batch, seq_len, past_length,
+                           IMPLICIT_POSITIONS)
+    end = _segment_start(rows + 1, keys_ptr, n_entries, search_steps, batch, seq_len, past_length,
+                         IMPLICIT_POSITIONS)
+    # A segment that covers at least one whole chunk is summed as: its rows before the first
+    # whole chunk (head), the precomputed chunk sums, its rows after the last one (tail).
+    # Any other segment is shorter than 2*CHUNK and is summed row by row as its "head".
+    first_chunk = (start + CHUNK - 1) // CHUNK
+    end_chunk = end // CHUNK
+    has_chunks = end_chunk > first_chunk
+    head_end = tl.where(has_chunks, first_chunk * CHUNK, end)
+    tail_start = tl.where(has_chunks, end_chunk * CHUNK, end)
+    n_chunks = tl.where(has_chunks, end_chunk - first_chunk, 0)
+
+    if ACC_FP64:
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float64)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    col_offsets = cols[None, :] * stride_grad_d
+
+    for i in range(0, tl.max(head_end - start, axis=0)):
+        entry = start + i
+        live = entry < head_end
+        _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
+                                      IMPLICIT_POSITIONS)
+        src = grad_out_ptr + (b * stride_grad_b + step * stride_grad_t)[:, None] + col_offsets
+        acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0).to(acc.dtype)
+
+    for c in range(0, tl.max(n_chunks, axis=0)):
+        live = c < n_chunks
+        src = chunk_sums_ptr + (first_chunk + c)[:, None] * dim + cols[None, :]
+        acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0)
+
+    for i in range(0, tl.max(end - tail_start, axis=0)):
+        entry = tail_start + i
+        live = entry < end
+        _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
+                                      IMPLICIT_POSITIONS)
+        src = grad_out_ptr + (b * stride_grad_b + step * stride_grad_t)[:, None] + col_offsets
+        acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0).to(acc.dtype)
+
+    dst = grad_table_ptr + rows[:, None] * stride_grad_table_row + cols[None, :]
+    tl.store(dst, acc.to(grad_table_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

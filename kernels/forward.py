@@ -1,0 +1,61 @@
+"""Forward kernel: out[b, t, :] = token_weight[ids[b, t], :] + position_weight[pos[b, t], :].
+
+One launch. Each program owns a tile of BLOCK_N flattened (b, t) rows by BLOCK_D columns, so
+every output element is written by exactly one program and the output needs no zero-fill.
+The op moves B*T*D table elements in and B*T*D out; anything else (ids, positions) is noise.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def input_embedding_fwd_kernel(
+    out_ptr,                     # [B*T, D], contiguous, table dtype
+    ids_ptr, stride_ids_b, stride_ids_t,
+    position_ids_ptr, stride_pos_b, stride_pos_t,   # unused unless HAS_POSITION_IDS
+    token_weight_ptr, stride_token_row,
+    position_weight_ptr, stride_position_row,
+    n_rows, seq_len, dim, vocab_size, num_positions, past_length,
+    HAS_POSITION_IDS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    # int64 from the start: B*T*D and V*D may exceed 2^31 elements.
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    col_ok = cols < dim
+
+    # ids may be a strided view ([T] ids arrive as B=1 with stride_ids_b=0), so index by (b, t)
+    # instead of asking the caller for a contiguous copy.
+    batch = rows // seq_len
+    step = rows - batch * seq_len
+    token = tl.load(ids_ptr + batch * stride_ids_b + step * stride_ids_t, mask=row_ok, other=0).to(tl.int64)
+    if HAS_POSITION_IDS:
+        position = tl.load(position_ids_ptr + batch * stride_pos_b + step * stride_pos_t,
+                           mask=row_ok, other=0).to(tl.int64)
+    else:
+        position = step + past_length
+
+    # The launcher checks ids before launching (unless the caller opted out with
+    # check_ids=False). This mask is the memory-safety net behind that check: an id outside
+    # the table is never dereferenced, and its output row becomes NaN so the mistake is loud.
+    token_ok = (token >= 0) & (token < vocab_size)
+    position_ok = (position >= 0) & (position < num_positions)
+    both_ok = token_ok & position_ok
+
+    mask = row_ok[:, None] & col_ok[None, :]
+    load_mask = mask & both_ok[:, None]
+    tok = tl.load(token_weight_ptr + token[:, None] * stride_token_row + cols[None, :], mask=load_mask, other=0.0)
+    pos = tl.load(position_weight_ptr + position[:, None] * stride_position_row + cols[None, :],
+                  mask=load_mask, other=0.0)
+    # Sum in fp32 (fp64 for fp64 tables) and round once, as torch does for a half-precision add.
+    if ACC_FP64:
+        acc = tok.to(tl.float64) + pos.to(tl.float64)
+    else:
+        acc = tok.to(tl.float32) + pos.to(tl.float32)
+    acc = tl.where(both_ok[:, None], acc, float("nan"))
+    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)

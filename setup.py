@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="tokemb-fast",
+    version="0.1.0",
+    description="Fused token + position embedding (GPT-2 style) in Triton, with a deterministic backward",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # kernels/ ships inside the package: a top-level module named `kernels` belongs to another project.
+    packages=["tokemb_fast", "tokemb_fast.kernels"],
+    package_dir={"tokemb_fast": "tokemb_fast", "tokemb_fast.kernels": "kernels"},
+    package_data={"tokemb_fast": ["assets/*.tiktoken", "assets/*.txt", "assets/NOTICE"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.6,<3",
+        "triton>=3.2",
+        "tiktoken>=0.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["tokemb-fast=tokemb_fast.cli:main"]},
+)

@@ -1,0 +1,33 @@
+"""Test setup: on a machine without CUDA, run the Triton kernels under Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before tokemb_fast (and so the kernels) is imported, which is why
+it happens here, at conftest import. On a CUDA machine the real compiled kernels are tested.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tokemb_fast import triton_ops  # noqa: E402  (imports the kernels, after the line above)
+
+INTERPRETED = triton_ops.INTERPRETED
+#: Where the Triton path runs in this session: CUDA if there is one, else CPU tensors through
+#: the interpreter.
+TRITON_DEVICE = torch.device("cuda") if torch.cuda.is_available() and not INTERPRETED else torch.device("cpu")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the interpreter twin "
+                                   "of this test checks the same maths on CPU")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """A different seed each run, so parity is checked on fresh inputs; pytest shows the printed
+    seed of a failing test (rerun it with TOKEMB_FAST_TEST_SEED=that)."""
+    env = os.environ.get("TOKEMB_FAST_TEST_SEED")
+    seed = int(env) if env else int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"TOKEMB_FAST_TEST_SEED={seed}")

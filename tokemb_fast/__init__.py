@@ -1,0 +1,16 @@
+"""tokemb-fast: the first layer of a GPT model (token embedding + absolute position embedding),
+fused into one Triton kernel on the GPU with a deterministic hand-written backward, and plain
+PyTorch on the CPU."""
+from .functional import FusedInputEmbeddingFunction, fused_input_embedding
+from .module import FusedInputEmbedding
+from .reference import input_embedding_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedInputEmbedding",
+    "FusedInputEmbeddingFunction",
+    "fused_input_embedding",
+    "input_embedding_reference",
+    "__version__",
+]

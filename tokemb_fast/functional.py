@@ -1,0 +1,127 @@
+"""The op: ``fused_input_embedding`` and its autograd Function.
+
+Data flow: FusedInputEmbedding (module) -> fused_input_embedding (this file: checks, picks a
+path) -> FusedInputEmbeddingFunction -> tokemb_fast::* custom ops (triton_ops.py) -> kernels/.
+On the plain-PyTorch path the reference sum runs instead and PyTorch's autograd differentiates it.
+"""
+import os
+from typing import Optional
+
+import torch
+
+from .reference import input_embedding_reference
+from .validation import check_inputs
+
+try:
+    from . import triton_ops
+    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # Triton missing: the plain-PyTorch path still works everywhere.
+    triton_ops = None
+    _TRITON_IMPORT_ERROR = exc
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """'triton' or 'torch' for this call. Read per call, so the env var can change at run time."""
+    choice = backend if backend is not None else os.environ.get("TOKEMB_FAST_BACKEND", "auto")
+    choice = choice.strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (argument or TOKEMB_FAST_BACKEND), got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_ops is not None else "torch"
+    if triton_ops is None:
+        raise RuntimeError(f"backend 'triton' was asked for but Triton cannot be imported: {_TRITON_IMPORT_ERROR}")
+    if device.type == "cpu" and not triton_ops.INTERPRETED:
+        raise RuntimeError(
+            "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before importing tokemb_fast")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"backend 'triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device.type}")
+    return "triton"
+
+
+class FusedInputEmbeddingFunction(torch.autograd.Function):
+    """Autograd for the fused op: ``FusedInputEmbeddingFunction.apply(input_ids, token_weight,
+    position_weight, position_ids=None, past_length=0, check_ids=True)``.
+
+    Saves only the ids (and position ids, if given) for the backward: the gradient of a gather
+    needs to know where each row came from, never the tables' values or the output.
+    Arguments are checked here too, so ``.apply`` is as safe as ``fused_input_embedding``.
+    """
+
+    @staticmethod
+    def forward(ctx, input_ids, token_weight, position_weight, position_ids=None, past_length=0, check_ids=True):
+        position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length, check_ids)
+        ids_2d = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+        positions_2d = None
+        if position_ids is not None:
+            positions_2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+        # Only a row stride is passed to the kernels; a table with a strided last dim is rare
+        # (a transposed view) and gets a contiguous copy rather than a wrong answer.
+        out = triton_ops.input_embedding_forward(
+            ids_2d, _unit_column_stride(token_weight), _unit_column_stride(position_weight),
+            positions_2d, past_length)
+        ctx.save_for_backward(ids_2d, positions_2d)
+        ctx.past_length = past_length
+        ctx.vocab_size = token_weight.shape[0]
+        ctx.num_positions = position_weight.shape[0]
+        ctx.one_dim = input_ids.dim() == 1
+        return out[0] if ctx.one_dim else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids_2d, positions_2d = ctx.saved_tensors
+        if ctx.one_dim:
+            grad_out = grad_out.unsqueeze(0)
+        grad_token = grad_position = None
+        if ctx.needs_input_grad[1]:
+            grad_token = triton_ops.embedding_dense_grad(grad_out, ids_2d, ctx.vocab_size, 0)
+        if ctx.needs_input_grad[2]:
+            if positions_2d is not None and positions_2d.shape[0] != grad_out.shape[0]:
+                positions_2d = positions_2d.expand(grad_out.shape[0], -1)
+            grad_position = triton_ops.embedding_dense_grad(grad_out, positions_2d, ctx.num_positions,
+                                                            ctx.past_length)
+        return None, grad_token, grad_position, None, None, None
+
+
+def _unit_column_stride(weight: torch.Tensor) -> torch.Tensor:
+    return weight if weight.stride(1) == 1 or weight.shape[1] <= 1 else weight.contiguous()
+
+
+def fused_input_embedding(
+    input_ids: torch.Tensor,
+    token_weight: torch.Tensor,
+    position_weight: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+    past_length: int = 0,
+    *,
+    check_ids: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``token_weight[input_ids] + position_weight[positions]`` in one pass.
+
+    Args:
+        input_ids: int64 or int32 token ids, [T] or [B, T].
+        token_weight: [vocab_size, D] table.
+        position_weight: [context_length, D] table, same dtype and device.
+        position_ids: optional [T], [1, T] or [B, T] positions (e.g. left-padded batches);
+            default ``past_length + arange(T)``.
+        past_length: first position when position_ids is None (KV-cache decoding).
+        check_ids: check that every id and position is inside its table (one host sync on a GPU).
+            With False an out-of-range id is never dereferenced; its output row is NaN.
+        backend: 'auto' (Triton for CUDA tensors, PyTorch otherwise), 'triton' or 'torch';
+            default from TOKEMB_FAST_BACKEND, else 'auto'.
+
+    Returns:
+        [T, D] or [B, T, D] in the tables' dtype.
+    """
+    if not isinstance(token_weight, torch.Tensor):
+        raise TypeError(f"token_weight must be a torch.Tensor, got {type(token_weight).__name__}")
+    if _resolve_backend(backend, token_weight.device) == "triton":
+        return FusedInputEmbeddingFunction.apply(input_ids, token_weight, position_weight, position_ids,
+                                                 past_length, check_ids)
+    position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length, check_ids)
+    return input_embedding_reference(input_ids, token_weight, position_weight, position_ids, past_length)

@@ -1,0 +1,123 @@
+"""Argument checks shared by both paths (Triton and plain PyTorch).
+
+Everything that can be checked from shapes, dtypes and devices is always checked; it costs no
+device work. The id-range check has to look at the ids themselves: on a GPU that is one small
+reduction and one host sync per call, so it can be turned off with ``check_ids=False``. Even
+then the kernels never read outside a table (an out-of-range id yields a NaN row).
+"""
+from typing import Optional
+
+import torch
+
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _check_table(name: str, weight) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [num_rows, embedding_dim], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+
+
+def _check_id_tensor(name: str, ids, device: torch.device) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token indices, got {type(ids).__name__}")
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (torch.int64 or torch.int32), got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the embedding tables are on {device}")
+
+
+def check_inputs(
+    input_ids: torch.Tensor,
+    token_weight: torch.Tensor,
+    position_weight: torch.Tensor,
+    position_ids: Optional[torch.Tensor],
+    past_length: int,
+    check_ids: bool = True,
+) -> Optional[torch.Tensor]:
+    """Raise a clear exception for any bad argument; return position_ids as [T] or [B, T]."""
+    _check_table("token_weight", token_weight)
+    _check_table("position_weight", position_weight)
+    if token_weight.device != position_weight.device:
+        raise ValueError(
+            f"token_weight is on {token_weight.device} but position_weight is on {position_weight.device}; "
+            "both tables must be on one device")
+    if token_weight.dtype != position_weight.dtype:
+        raise ValueError(
+            f"token_weight is {token_weight.dtype} but position_weight is {position_weight.dtype}; "
+            "both tables must have one dtype")
+    if token_weight.shape[1] != position_weight.shape[1]:
+        raise ValueError(
+            f"token_weight has embedding_dim {token_weight.shape[1]} but position_weight has "
+            f"{position_weight.shape[1]}; both tables must have the same embedding_dim")
+    device = token_weight.device
+    _check_id_tensor("input_ids", input_ids, device)
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be [T] or [B, T], got shape {tuple(input_ids.shape)}")
+
+    if isinstance(past_length, bool) or not isinstance(past_length, int):
+        raise TypeError(f"past_length must be an int, got {type(past_length).__name__}")
+    if past_length < 0:
+        raise ValueError(f"past_length must be >= 0, got {past_length}")
+    seq_len = input_ids.shape[-1]
+    num_positions = position_weight.shape[0]
+
+    if position_ids is not None:
+        if past_length != 0:
+            raise ValueError("pass either position_ids or past_length, not both "
+                             "(position_ids already say where each token sits)")
+        _check_id_tensor("position_ids", position_ids, device)
+        shape = tuple(position_ids.shape)
+        if position_ids.dim() == 2 and shape[0] == 1:
+            position_ids = position_ids[0] if input_ids.dim() == 1 else position_ids
+        allowed = [(seq_len,), (1, seq_len)]
+        if input_ids.dim() == 2:
+            allowed.append(tuple(input_ids.shape))
+        if shape not in allowed:
+            raise ValueError(
+                f"position_ids must have shape {' or '.join(str(list(s)) for s in allowed)} "
+                f"to match input_ids {list(input_ids.shape)}, got {list(shape)}")
+    elif past_length + seq_len > num_positions:
+        raise IndexError(
+            f"positions {past_length}..{past_length + seq_len - 1} (past_length={past_length}, T={seq_len}) "
+            f"run past the position table: context_length is {num_positions}, so "
+            f"past_length + T must be <= {num_positions}")
+
+    if check_ids and not _is_compiling():
+        _check_id_ranges(input_ids, token_weight.shape[0], position_ids, num_positions)
+    return position_ids
+
+
+def _check_id_ranges(input_ids, vocab_size, position_ids, num_positions) -> None:
+    # One reduction per tensor and a single device->host copy for all of them.
+    parts = []
+    if input_ids.numel() > 0:
+        parts.extend(torch.aminmax(input_ids))
+    if position_ids is not None and position_ids.numel() > 0:
+        parts.extend(torch.aminmax(position_ids))
+    if not parts:
+        return
+    bounds = torch.stack([p.to(torch.int64) for p in parts]).tolist()
+    if input_ids.numel() > 0:
+        low, high = bounds[0], bounds[1]
+        bounds = bounds[2:]
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise IndexError(
+                f"token id {bad} is out of range for vocab size {vocab_size} "
+                f"(valid ids are 0..{vocab_size - 1})")
+    if bounds:
+        low, high = bounds
+        if low < 0 or high >= num_positions:
+            bad = low if low < 0 else high
+            raise IndexError(
+                f"position id {bad} is out of range for a position table of {num_positions} rows "
+                f"(context_length {num_positions}, valid positions are 0..{num_positions - 1})")
