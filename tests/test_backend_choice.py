@@ -1,0 +1,31 @@
+"""Which path a call takes: TOKEMB_FAST_BACKEND=auto|triton|torch and the backend= argument."""
+import pytest
+import torch
+
+from tokemb_fast import fused_input_embedding, triton_ops
+
+
+def grad_fn_name(**kwargs):
+    ids = torch.randint(0, 10, (2, 3))
+    weights = torch.randn(10, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    return type(fused_input_embedding(ids, *weights, **kwargs).grad_fn).__name__
+
+
+def test_auto_on_cpu_is_plain_pytorch(monkeypatch):
+    monkeypatch.delenv("TOKEMB_FAST_BACKEND", raising=False)
+    assert grad_fn_name() == "AddBackward0"
+    assert grad_fn_name(backend="auto") == "AddBackward0"
+
+
+@pytest.mark.skipif(not triton_ops.INTERPRETED, reason="CPU tensors reach the kernels only under TRITON_INTERPRET=1")
+def test_env_var_forces_triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    assert grad_fn_name() == "FusedInputEmbeddingFunctionBackward"
+    # The argument wins over the environment.
+    assert grad_fn_name(backend="torch") == "AddBackward0"
+
+
+def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    monkeypatch.setattr(triton_ops, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 in the environment before importing tokemb_fast"):
+        grad_fn_name(backend="triton")
