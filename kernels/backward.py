@@ -44,7 +44,7 @@ def _sorted_entry(j, keys_ptr, order_ptr, mask, batch, seq_len, past_length,
 
 
 @triton.jit
-def _segment_start(target, keys_ptr, n_entries, search_steps, batch, seq_len, past_length,
+def _segment_start(target, keys_ptr, n_entries, batch, seq_len, past_length,
                    IMPLICIT_POSITIONS: tl.constexpr):
     """First sorted index whose key is >= target (a vector lower_bound)."""
     if IMPLICIT_POSITIONS:
@@ -53,6 +53,9 @@ def _segment_start(target, keys_ptr, n_entries, search_steps, batch, seq_len, pa
     else:
         lo = tl.zeros_like(target)
         hi = tl.zeros_like(target) + n_entries
+        # floor(log2(n + 1)) + 1 halvings empty any range [0, n]; one spare covers float
+        # rounding in log2. Extra steps with lo == hi load nothing.
+        search_steps = (tl.log2(tl.cast(n_entries, tl.float32) + 1.0) + 2.0).to(tl.int32)
         for _ in range(search_steps):
             active = lo < hi
             mid = (lo + hi) // 2
@@ -103,7 +106,7 @@ def embedding_grad_rows_kernel(
     grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype; every row written
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
     keys_ptr, order_ptr, chunk_sums_ptr,
-    n_entries, search_steps, num_rows, dim, batch, seq_len, past_length,
+    n_entries, num_rows, dim, batch, seq_len, past_length,
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -115,10 +118,8 @@ def embedding_grad_rows_kernel(
     row_ok = rows < num_rows
     col_ok = cols < dim
 
-    start = _segment_start(rows, keys_ptr, n_entries, search_steps, batch, seq_len, past_length,
-                           IMPLICIT_POSITIONS)
-    end = _segment_start(rows + 1, keys_ptr, n_entries, search_steps, batch, seq_len, past_length,
-                         IMPLICIT_POSITIONS)
+    start = _segment_start(rows, keys_ptr, n_entries, batch, seq_len, past_length, IMPLICIT_POSITIONS)
+    end = _segment_start(rows + 1, keys_ptr, n_entries, batch, seq_len, past_length, IMPLICIT_POSITIONS)
     # A segment that covers at least one whole chunk is summed as: its rows before the first
     # whole chunk (head), the precomputed chunk sums, its rows after the last one (tail).
     # Any other segment is shorter than 2*CHUNK and is summed row by row as its "head".

@@ -13,12 +13,18 @@ from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
 from .kernels import embedding_grad_rows_kernel, input_embedding_fwd_kernel, segment_chunk_sums_kernel
 
 #: True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# On a GPU the ops are triton_ops: torch.compile traces their bodies (wrap_triton turns each
+# launch into a graph node) and Inductor sees the kernels. The interpreter launches even on
+# FakeTensors, so there the ops are opaque custom ops with explicit fake impls (end of file):
+# torch.compile then still traces the model around them, which is what CPU tests can check.
+_define_op = custom_op if INTERPRETED else triton_op
 
 # Sorted entries are summed in pieces of CHUNK so that one frequent key cannot serialise the
 # backward (see kernels/backward.py). 32 keeps a piece's tile (32 x BLOCK_D fp32) in registers.
@@ -42,7 +48,7 @@ def _batch_stride(tensor: torch.Tensor) -> int:
     return 0 if tensor.shape[0] == 1 else tensor.stride(0)
 
 
-@triton_op("tokemb_fast::input_embedding_forward", mutates_args=())
+@_define_op("tokemb_fast::input_embedding_forward", mutates_args=())
 def input_embedding_forward(
     input_ids: torch.Tensor,
     token_weight: torch.Tensor,
@@ -78,7 +84,7 @@ def input_embedding_forward(
     return out
 
 
-@triton_op("tokemb_fast::embedding_dense_grad", mutates_args=())
+@_define_op("tokemb_fast::embedding_dense_grad", mutates_args=())
 def embedding_dense_grad(
     grad_out: torch.Tensor,
     keys: Optional[torch.Tensor],
@@ -118,7 +124,18 @@ def embedding_dense_grad(
         )
     wrap_triton(embedding_grad_rows_kernel)[(triton.cdiv(num_rows, GRAD_ROWS), d_blocks)](
         grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, chunk_sums,
-        n_entries, n_entries.bit_length(), num_rows, dim, batch, seq_len, past_length,
+        n_entries, num_rows, dim, batch, seq_len, past_length,
         ROWS=GRAD_ROWS, num_warps=4, **common,
     )
     return grad_table
+
+
+if INTERPRETED:
+    # Output shapes for tracing (FakeTensors); see _define_op above.
+    @input_embedding_forward.register_fake
+    def _(input_ids, token_weight, position_weight, position_ids, past_length):
+        return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
+
+    @embedding_dense_grad.register_fake
+    def _(grad_out, keys, num_rows, past_length):
+        return grad_out.new_empty((num_rows, grad_out.shape[2]))
