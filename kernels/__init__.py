@@ -3,7 +3,12 @@
 Only ``@triton.jit`` functions live here: no shapes are checked and nothing is launched. The
 launchers, with their argument checks, are in ``tokemb_fast.triton_ops``.
 """
-from .backward import embedding_grad_rows_kernel, segment_chunk_sums_kernel
+from .backward import embedding_grad_rows_kernel, segment_bounds_kernel, segment_chunk_sums_kernel
 from .forward import input_embedding_fwd_kernel
 
-__all__ = ["input_embedding_fwd_kernel", "segment_chunk_sums_kernel", "embedding_grad_rows_kernel"]
+__all__ = [
+    "input_embedding_fwd_kernel",
+    "segment_bounds_kernel",
+    "segment_chunk_sums_kernel",
+    "embedding_grad_rows_kernel",
+]

@@ -8,9 +8,10 @@ gradient changes in its last bits from run to run; they also need an fp32 scratc
 bf16/fp16 (no native half-precision atomics at this width) and a zero-fill pass first.
 
 Instead the caller sorts the keys once (a stable device sort, no host sync), so the entries of
-each table row form one contiguous *segment* of the sorted order. Each program then owns a few
-table rows, finds their segments by binary search, sums the grad rows of each segment in a fixed
-order in fp32 registers, and writes every table row exactly once (untouched rows get zeros).
+each table row form one contiguous *segment* of the sorted order. A small kernel finds where
+each row's segment starts (one binary search per row, all in parallel). Each program of the row
+kernel then owns a tile of table rows, sums the grad rows of each segment in a fixed order in
+fp32 registers, and writes every table row exactly once (untouched rows get zeros).
 
 One very frequent key (all ids equal, or Zipf's head) would serialise a whole batch in one
 program. So the sorted order is also cut into fixed CHUNK-sized pieces: a first kernel sums each
@@ -44,26 +45,40 @@ def _sorted_entry(j, keys_ptr, order_ptr, mask, batch, seq_len, past_length,
 
 
 @triton.jit
-def _segment_start(target, keys_ptr, n_entries, batch, seq_len, past_length,
-                   IMPLICIT_POSITIONS: tl.constexpr):
-    """First sorted index whose key is >= target (a vector lower_bound)."""
+def segment_bounds_kernel(
+    bounds_ptr,                  # [num_rows + 1]: bounds[r] = first sorted index with key >= r
+    sorted_keys_ptr, n_entries, num_rows,
+    BLOCK: tl.constexpr,
+):
+    # A vector lower_bound, one lane per table row. Done here, fully parallel, rather than in
+    # the row kernel, where each program would wait on a chain of dependent loads.
+    target = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros_like(target)
+    hi = tl.zeros_like(target) + n_entries
+    # floor(log2(n + 1)) + 1 halvings empty any range [0, n]; one spare covers float rounding
+    # in log2. Extra steps with lo == hi load nothing.
+    search_steps = (tl.log2(tl.cast(n_entries, tl.float32) + 1.0) + 2.0).to(tl.int32)
+    for _ in range(search_steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        key = tl.load(sorted_keys_ptr + mid, mask=active, other=0).to(tl.int64)
+        hi = tl.where(active & (key >= target), mid, hi)
+        lo = tl.where(active & (key < target), mid + 1, lo)
+    tl.store(bounds_ptr + target, lo, mask=target <= num_rows)
+
+
+@triton.jit
+def _segment_bounds(rows, row_ok, bounds_ptr, batch, seq_len, past_length, IMPLICIT_POSITIONS: tl.constexpr):
+    """[start, end) of each row's segment in the sorted order."""
     if IMPLICIT_POSITIONS:
-        step = tl.minimum(tl.maximum(target - past_length, 0), seq_len)
-        return step * batch
+        step = tl.minimum(tl.maximum(rows - past_length, 0), seq_len)
+        start = step * batch
+        end = tl.minimum(step + 1, seq_len) * batch
+        end = tl.where((rows >= past_length) & (rows < past_length + seq_len), end, start)
     else:
-        lo = tl.zeros_like(target)
-        hi = tl.zeros_like(target) + n_entries
-        # floor(log2(n + 1)) + 1 halvings empty any range [0, n]; one spare covers float
-        # rounding in log2. Extra steps with lo == hi load nothing.
-        search_steps = (tl.log2(tl.cast(n_entries, tl.float32) + 1.0) + 2.0).to(tl.int32)
-        for _ in range(search_steps):
-            active = lo < hi
-            mid = (lo + hi) // 2
-            key = tl.load(keys_ptr + mid, mask=active, other=0).to(tl.int64)
-            go_right = active & (key < target)
-            hi = tl.where(active & (key >= target), mid, hi)
-            lo = tl.where(go_right, mid + 1, lo)
-        return lo
+        start = tl.load(bounds_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        end = tl.load(bounds_ptr + rows + 1, mask=row_ok, other=0).to(tl.int64)
+    return start, end
 
 
 @triton.jit
@@ -105,8 +120,8 @@ def segment_chunk_sums_kernel(
 def embedding_grad_rows_kernel(
     grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype; every row written
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
-    keys_ptr, order_ptr, chunk_sums_ptr,
-    n_entries, num_rows, dim, batch, seq_len, past_length,
+    keys_ptr, order_ptr, bounds_ptr, chunk_sums_ptr,
+    num_rows, dim, batch, seq_len, past_length,
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -118,8 +133,7 @@ def embedding_grad_rows_kernel(
     row_ok = rows < num_rows
     col_ok = cols < dim
 
-    start = _segment_start(rows, keys_ptr, n_entries, batch, seq_len, past_length, IMPLICIT_POSITIONS)
-    end = _segment_start(rows + 1, keys_ptr, n_entries, batch, seq_len, past_length, IMPLICIT_POSITIONS)
+    start, end = _segment_bounds(rows, row_ok, bounds_ptr, batch, seq_len, past_length, IMPLICIT_POSITIONS)
     # A segment that covers at least one whole chunk is summed as: its rows before the first
     # whole chunk (head), the precomputed chunk sums, its rows after the last one (tail).
     # Any other segment is shorter than 2*CHUNK and is summed row by row as its "head".

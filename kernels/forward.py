@@ -18,9 +18,10 @@ def input_embedding_fwd_kernel(
     n_rows, seq_len, dim, vocab_size, num_positions, past_length,
     HAS_POSITION_IDS: tl.constexpr,
     ACC_FP64: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TILE: tl.constexpr,          # output elements per program; BLOCK_N = TILE // BLOCK_D rows
 ):
+    BLOCK_N: tl.constexpr = TILE // BLOCK_D  # the launcher keeps BLOCK_D <= TILE
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     # int64 from the start: B*T*D and V*D may exceed 2^31 elements.

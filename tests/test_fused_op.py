@@ -200,3 +200,19 @@ def test_unchecked_bad_id_is_nan_not_out_of_bounds():
     out = fused_input_embedding(ids, token_weight, position_weight, check_ids=False, backend="triton")
     assert torch.isfinite(out[0, 0]).all()
     assert torch.isnan(out[0, 1:]).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["default", "past_length", "per_row", "one_dim"])
+def test_plain_pytorch_path_matches_oracle(dtype, mode):
+    # The CPU fallback is the reference itself; this pins that fused_input_embedding routes
+    # every argument to it correctly (and that its half-precision error is one rounding).
+    ids = torch.randint(0, 40, (7,) if mode == "one_dim" else (3, 7))
+    token_weight, position_weight = random_tables(40, 12, 9, dtype, "cpu")
+    kwargs = {"past_length": 5} if mode == "past_length" else {}
+    if mode == "per_row":
+        kwargs["position_ids"] = torch.randint(0, 12, (3, 7))
+    out = fused_input_embedding(ids, token_weight, position_weight, backend="torch", **kwargs)
+    exact_out, _, _ = exact_reference(ids, token_weight, position_weight, torch.zeros(*ids.shape, 9), **kwargs)
+    assert out.shape == (*ids.shape, 9)
+    assert_exact_within(out, exact_out, dtype, "output")
