@@ -19,7 +19,7 @@ setup(
         "tiktoken>=0.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy"],  # numpy: Triton's CPU interpreter
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "matplotlib>=3.7"],  # numpy: Triton's CPU interpreter
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["tokemb-fast=tokemb_fast.cli:main"]},

@@ -113,6 +113,41 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _csv(choices):
+    def parse(text):
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {text!r}")
+        return values
+    return parse
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    env = bench.environment()
+    shapes = [bench.SHAPES[name] for name in args.shapes]
+    if torch.cuda.is_available():
+        print(f"tokemb-fast bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']})")
+        print("median ms of triton.testing.do_bench; floor = device copy of the bytes the op must move")
+        rows = bench.run_cuda(shapes, args.dtypes, args.modes, args.impls, args.ids)
+    else:
+        print("No CUDA device: this measures ONLY the plain-PyTorch fallback on the CPU "
+              f"({env['device']}, torch {env['torch']}). No Triton kernel, no floor and no torch.compile "
+              "numbers are produced; run on a GPU for those.")
+        cpu_shapes = [s for s in shapes if s.name in ("seed", "decode", "gpt2-124M")] if args.shapes_default else shapes
+        rows = bench.run_cpu(cpu_shapes, args.dtypes, args.modes)
+    print(bench.format_table(rows))
+    if args.json:
+        bench.save_json(rows, args.json, env)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        bench.save_plot(rows, args.plot, env)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokemb-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,12 +170,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=123, help="torch.manual_seed for the tables (default 123)")
     demo.add_argument("--repeats", type=int, default=100, help="timed calls per side (default 100)")
     demo.set_defaults(func=run_demo)
+
+    from .bench import DTYPES as BENCH_DTYPES, ID_DISTRIBUTIONS, IMPLS, MODES, SHAPES
+    bench = sub.add_parser(
+        "bench", help="time fused vs eager vs torch.compile vs the memory floor, a table per shape and dtype",
+        description="Benchmark the fused op side by side with eager PyTorch, torch.compile and the "
+                    "memory-traffic floor (a device copy of the same bytes), in one process on one GPU. "
+                    "On a machine without CUDA it times only the plain-PyTorch fallback and says so.")
+    bench.add_argument("--shapes", type=_csv(list(SHAPES)), default=None,
+                       help=f"comma-separated, from {', '.join(SHAPES)} (default: all; on CPU: seed, decode, gpt2-124M)")
+    bench.add_argument("--dtypes", type=_csv(list(BENCH_DTYPES)), default=["fp32", "bf16"],
+                       help="comma-separated table dtypes (default fp32,bf16)")
+    bench.add_argument("--modes", type=_csv(list(MODES)), default=list(MODES), help="fwd, fwd+bwd (default both)")
+    bench.add_argument("--impls", type=_csv(list(IMPLS)), default=list(IMPLS),
+                       help="implementations to time (default all: " + ", ".join(IMPLS) + ")")
+    bench.add_argument("--ids", type=_csv(list(ID_DISTRIBUTIONS)), default=["uniform"],
+                       help="id distributions: uniform, zipf, equal (skewed ones time fused and eager only)")
+    bench.add_argument("--json", metavar="FILE", help="also write every row and the environment as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="also plot achieved bandwidth against the floor "
+                                                           "(needs matplotlib: the [bench] extra)")
+    bench.set_defaults(func=run_bench)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench import SHAPES
+        args.shapes_default = args.shapes is None
+        args.shapes = args.shapes or list(SHAPES)
     for name in ("batch_size", "max_length", "stride", "embedding_dim", "repeats"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -1,0 +1,91 @@
+"""The benchmark harness itself (tables, JSON, plot, CLI), driven on CPU with tiny shapes.
+
+The numbers here mean nothing; what is checked is that every implementation is timed against
+the same floor, that the derived columns are computed from the rows, and that the outputs exist.
+"""
+import json
+import statistics
+import time
+
+import pytest
+import torch
+
+from conftest import TRITON_DEVICE
+from tokemb_fast import bench, triton_ops
+from tokemb_fast.cli import main
+
+TINY = bench.Shape("tiny", 2, 8, 50, 16, 8)
+TINY_DECODE = bench.Shape("tiny-decode", 4, 1, 50, 16, 8, random_positions=True)
+
+
+def host_timer(fn):
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def test_bytes_moved_matches_the_floor_definition():
+    shape = bench.SHAPES["gpt2-124M"]
+    n = 8 * 1024 * 768
+    assert bench.bytes_moved(shape, 4, "fwd") == 2 * n * 4
+    assert bench.bytes_moved(shape, 2, "fwd+bwd") == (2 * n + (50257 + 1024) * 768 + n) * 2
+
+
+@pytest.mark.parametrize("ids", ["uniform", "zipf", "equal"])
+def test_inputs_are_random_and_in_range(ids):
+    input_ids, position_ids, tok, pos, grad = bench.make_inputs(TINY_DECODE, torch.float32, "cpu", ids)
+    assert int(input_ids.min()) >= 0 and int(input_ids.max()) < TINY_DECODE.vocab_size
+    assert position_ids.shape == (4, 1) and int(position_ids.max()) < TINY_DECODE.context_length
+    assert torch.count_nonzero(tok) == tok.numel() and torch.count_nonzero(grad) == grad.numel()
+    if ids == "equal":
+        assert input_ids.unique().numel() == 1
+
+
+@pytest.mark.skipif(not triton_ops.INTERPRETED, reason="drives the fused rows through the interpreter")
+def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    rows = bench.run_cuda([TINY, TINY_DECODE], ["fp32", "bf16"], list(bench.MODES),
+                          ["fused", "fused-checked", "eager", "floor"], ["uniform", "equal"],
+                          progress=lambda line: None, device=TRITON_DEVICE, timer=host_timer)
+    impls = {(r.shape, r.dtype, r.mode, r.impl, r.ids) for r in rows}
+    assert ("tiny", "bf16", "fwd+bwd", "fused", "equal") in impls
+    assert ("tiny", "fp32", "fwd", "floor", "-") in impls
+    assert not any(r.impl == "fused-checked" and r.ids == "equal" for r in rows)  # skew: fused and eager only
+    for row in rows:
+        assert row.ms > 0 and row.floor_ms > 0
+        assert row.x_floor == pytest.approx(row.ms / row.floor_ms)
+    table = bench.format_table(rows)
+    assert "#### tiny" in table and "| fwd+bwd | fused | equal |" in table
+    bench.save_json(rows, str(tmp_path / "r.json"), bench.environment())
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["environment"]["torch"] == torch.__version__ and len(saved["rows"]) == len(rows)
+
+
+def test_plot_has_a_panel_per_mode_and_dtype(tmp_path):
+    rows = [bench.Row(shape, dtype, mode, impl, "uniform" if impl != "floor" else "-", ms, 1.0, 10**9)
+            for shape in ("seed", "big") for dtype in ("fp32", "bf16") for mode in bench.MODES
+            for impl, ms in (("fused", 1.2), ("eager", 3.0), ("floor", 1.0))]
+    path = tmp_path / "r.png"
+    bench.save_plot(rows, str(path), bench.environment())
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.height > image.width  # four stacked panels (one would be wider than tall)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cli_bench_on_cpu_says_it_measures_only_the_fallback(tmp_path, capsys):
+    assert main(["bench", "--shapes", "seed", "--modes", "fwd", "--dtypes", "fp32", "--json",
+                 str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "measures ONLY the plain-PyTorch fallback" in out
+    assert "| fwd | torch-cpu | uniform |" in out
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["impl"] == "torch-cpu"
+
+
+def test_cli_bench_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--shapes", "gpt5"])
+    assert "choose from seed, gpt2-124M" in capsys.readouterr().err

@@ -1,0 +1,325 @@
+"""Side-by-side measurements: fused vs eager PyTorch vs torch.compile vs the memory-traffic floor.
+
+Every number in a table comes from one process on one device. Timings are medians of
+``triton.testing.do_bench`` (which warms up, and flushes L2 between repetitions). The floor is a
+device copy of the bytes the op must move:
+
+* forward: copy B*T*D elements (read the gathered rows once, write the output once);
+* forward+backward: that, plus writing the V*D and P*D gradient tables once (zero-fill) and
+  reading the B*T*D upstream gradient once.
+
+Inputs are random (never zeros), ids uniform unless a distribution is named.
+"""
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .functional import fused_input_embedding
+from .reference import input_embedding_reference
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    seq_len: int
+    vocab_size: int
+    dim: int
+    context_length: int
+    random_positions: bool = False  # decode: one token per row at a random position
+
+    def describe(self) -> str:
+        return f"B{self.batch} T{self.seq_len} V{self.vocab_size} D{self.dim}"
+
+
+SHAPES = {
+    "seed": Shape("seed", 8, 4, 50257, 256, 4),
+    "gpt2-124M": Shape("gpt2-124M", 8, 1024, 50257, 768, 1024),
+    "gpt2-xl": Shape("gpt2-xl", 8, 1024, 50257, 1600, 1024),
+    "big": Shape("big", 4, 4096, 128256, 4096, 4096),
+    "decode": Shape("decode", 64, 1, 50257, 768, 1024, random_positions=True),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("fwd", "fwd+bwd")
+IMPLS = ("fused", "fused-checked", "eager", "compile", "floor")
+ID_DISTRIBUTIONS = ("uniform", "zipf", "equal")
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    mode: str
+    impl: str
+    ids: str
+    ms: float
+    floor_ms: float
+    bytes_moved: int
+    peak_extra_mb: Optional[float] = None
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_moved / (self.ms * 1e-3) / 1e9
+
+    @property
+    def x_floor(self) -> float:
+        return self.ms / self.floor_ms
+
+
+def environment() -> dict:
+    import triton
+
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()})"
+    return info
+
+
+def bytes_moved(shape: Shape, element_size: int, mode: str) -> int:
+    n = shape.batch * shape.seq_len * shape.dim
+    forward = 2 * n
+    if mode == "fwd":
+        return forward * element_size
+    return (forward + (shape.vocab_size + shape.context_length) * shape.dim + n) * element_size
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device, ids: str = "uniform", seed: int = 0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    n = shape.batch * shape.seq_len
+    if ids == "uniform":
+        input_ids = torch.randint(0, shape.vocab_size, (n,), generator=generator)
+    elif ids == "zipf":
+        weights = 1.0 / torch.arange(1, shape.vocab_size + 1, dtype=torch.float64)
+        ranks = torch.multinomial(weights, n, replacement=True, generator=generator)
+        input_ids = torch.randperm(shape.vocab_size, generator=generator)[ranks]
+    elif ids == "equal":
+        input_ids = torch.full((n,), int(torch.randint(0, shape.vocab_size, (), generator=generator)))
+    else:
+        raise ValueError(f"ids must be one of {ID_DISTRIBUTIONS}, got {ids!r}")
+    input_ids = input_ids.reshape(shape.batch, shape.seq_len).to(device)
+    position_ids = None
+    if shape.random_positions:
+        position_ids = torch.randint(0, shape.context_length, (shape.batch, shape.seq_len),
+                                     generator=generator).to(device)
+    token_weight = torch.randn(shape.vocab_size, shape.dim, generator=generator).to(device=device, dtype=dtype)
+    position_weight = torch.randn(shape.context_length, shape.dim, generator=generator).to(device=device, dtype=dtype)
+    grad_out = torch.randn(shape.batch, shape.seq_len, shape.dim, generator=generator).to(device=device, dtype=dtype)
+    return input_ids, position_ids, token_weight.requires_grad_(), position_weight.requires_grad_(), grad_out
+
+
+def _eager(input_ids, token_weight, position_weight, position_ids):
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return F.embedding(input_ids, token_weight) + F.embedding(position_ids, position_weight)
+
+
+def implementations(compiled: Optional[Callable] = None) -> Dict[str, Callable]:
+    """Forward callables (input_ids, token_weight, position_weight, position_ids) -> output."""
+    def fused(ids, tok, pos, pids):
+        return fused_input_embedding(ids, tok, pos, position_ids=pids, check_ids=False, backend="triton")
+
+    def fused_checked(ids, tok, pos, pids):
+        return fused_input_embedding(ids, tok, pos, position_ids=pids, check_ids=True, backend="triton")
+
+    impls = {"fused": fused, "fused-checked": fused_checked, "eager": _eager}
+    if compiled is not None:
+        impls["compile"] = compiled
+    return impls
+
+
+def _step(forward, inputs, mode):
+    input_ids, position_ids, token_weight, position_weight, grad_out = inputs
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                forward(input_ids, token_weight, position_weight, position_ids)
+    else:
+        def run():
+            token_weight.grad = None
+            position_weight.grad = None
+            forward(input_ids, token_weight, position_weight, position_ids).backward(grad_out)
+    return run
+
+
+def _floor_step(shape: Shape, dtype, device, mode):
+    n = shape.batch * shape.seq_len * shape.dim
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    if mode == "fwd":
+        return lambda: dst.copy_(src)
+    grad_tables = torch.empty((shape.vocab_size + shape.context_length) * shape.dim, device=device, dtype=dtype)
+    upstream = torch.randn(n, device=device).to(dtype)
+
+    def run():
+        dst.copy_(src)
+        grad_tables.zero_()
+        upstream.max()  # one read of B*T*D (a reduction reads at copy speed)
+    return run
+
+
+def _median_ms_cuda(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _peak_extra_mb(fn, device) -> float:
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: List[str], ids: List[str],
+             progress: Callable[[str], None] = print, device=None, timer: Callable = None) -> List[Row]:
+    """Measure on a GPU. device and timer exist so that tests can drive this on CPU tensors
+    (kernels interpreted, host-clock timer, no memory statistics)."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    timer = _median_ms_cuda if timer is None else timer
+    on_cuda = device.type == "cuda"
+    rows: List[Row] = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            # A fresh compile cache per shape and dtype: no recompile limit, no stale graphs.
+            torch._dynamo.reset()
+            compiled = torch.compile(_eager, fullgraph=True, dynamic=False) if "compile" in impls else None
+            forwards = implementations(compiled)
+            for mode in modes:
+                floor_ms = timer(_floor_step(shape, dtype, device, mode))
+                moved = bytes_moved(shape, torch.tensor([], dtype=dtype).element_size(), mode)
+                if "floor" in impls:
+                    rows.append(Row(shape.name, dtype_name, mode, "floor", "-", floor_ms, floor_ms, moved))
+                for id_kind in ids:
+                    inputs = make_inputs(shape, dtype, device, id_kind)
+                    for impl in impls:
+                        if impl == "floor" or (id_kind != "uniform" and impl not in ("fused", "eager")):
+                            continue
+                        step = _step(forwards[impl], inputs, mode)
+                        started = time.perf_counter()
+                        step()  # first call: compilation / autotuning
+                        if on_cuda:
+                            torch.cuda.synchronize(device)
+                        first_call_s = time.perf_counter() - started
+                        ms = timer(step)
+                        peak = _peak_extra_mb(step, device) if on_cuda else None
+                        row = Row(shape.name, dtype_name, mode, impl, id_kind, ms, floor_ms, moved, peak,
+                                  {"first_call_s": first_call_s})
+                        rows.append(row)
+                        progress(f"  {shape.name:10s} {dtype_name:5s} {mode:8s} {impl:14s} {id_kind:8s} "
+                                 f"{ms:8.4f} ms  {row.x_floor:6.2f}x floor")
+                    del inputs
+                if on_cuda:
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def run_cpu(shapes: List[Shape], dtypes: List[str], modes: List[str], repeats: int = 20,
+            progress: Callable[[str], None] = print) -> List[Row]:
+    """The plain-PyTorch fallback only: there is no kernel, no floor and no compile on a CPU here."""
+    rows = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            inputs = make_inputs(shape, dtype, "cpu")
+
+            def forward(ids, tok, pos, pids):
+                return input_embedding_reference(ids, tok, pos, pids)
+
+            for mode in modes:
+                step = _step(forward, inputs, mode)
+                step()
+                times = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - started)
+                ms = statistics.median(times) * 1e3
+                moved = bytes_moved(shape, torch.tensor([], dtype=dtype).element_size(), mode)
+                rows.append(Row(shape.name, dtype_name, mode, "torch-cpu", "uniform", ms, float("nan"), moved))
+                progress(f"  {shape.name:10s} {dtype_name:5s} {mode:8s} torch-cpu {ms:9.3f} ms")
+    return rows
+
+
+def format_table(rows: List[Row]) -> str:
+    """One markdown table per shape and dtype: ms, GB/s, x floor, speedup vs eager and compile."""
+    out = []
+    keys = []
+    for row in rows:
+        if (row.shape, row.dtype) not in keys:
+            keys.append((row.shape, row.dtype))
+    for shape_name, dtype_name in keys:
+        shape = SHAPES.get(shape_name)
+        title = f"{shape_name} ({shape.describe()}), {dtype_name}" if shape else f"{shape_name}, {dtype_name}"
+        out.append(f"\n#### {title}\n")
+        out.append("| mode | impl | ids | median ms | GB/s | x floor | vs eager | vs compile | peak extra MiB |")
+        out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        group = [r for r in rows if (r.shape, r.dtype) == (shape_name, dtype_name)]
+        for row in group:
+            def baseline(impl):
+                for other in group:
+                    if other.mode == row.mode and other.impl == impl and other.ids == row.ids:
+                        return other.ms
+                return None
+            eager, compiled = baseline("eager"), baseline("compile")
+            vs_eager = f"{eager / row.ms:.2f}x" if eager else "-"
+            vs_compile = f"{compiled / row.ms:.2f}x" if compiled else "-"
+            x_floor = "-" if row.floor_ms != row.floor_ms else f"{row.x_floor:.2f}"
+            peak = "-" if row.peak_extra_mb is None else f"{row.peak_extra_mb:.1f}"
+            out.append(f"| {row.mode} | {row.impl} | {row.ids} | {row.ms:.4f} | {row.gbps:.0f} | {x_floor} | "
+                       f"{vs_eager} | {vs_compile} | {peak} |")
+    return "\n".join(out)
+
+
+def save_json(rows: List[Row], path: str, env: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"environment": env,
+                   "rows": [dict(asdict(r), gbps=r.gbps, x_floor=r.x_floor) for r in rows]}, handle, indent=2)
+
+
+def save_plot(rows: List[Row], path: str, env: dict) -> None:
+    """Achieved bandwidth per shape and implementation, with the floor's bandwidth as the target."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'tokemb-fast[bench]'") from exc
+    panels = [(mode, dtype) for mode in MODES for dtype in DTYPES if any(r.mode == mode and r.dtype == dtype
+                                                                         for r in rows)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
+    for ax, (mode, dtype) in zip(axes[:, 0], panels):
+        sel = [r for r in rows if r.mode == mode and r.dtype == dtype and r.ids in ("uniform", "-")]
+        shapes = list(dict.fromkeys(r.shape for r in sel))
+        impls = [i for i in IMPLS + ("torch-cpu",) if any(r.impl == i for r in sel)]
+        width = 0.8 / max(len(impls), 1)
+        for k, impl in enumerate(impls):
+            values = [next((r.gbps for r in sel if r.shape == s and r.impl == impl), 0.0) for s in shapes]
+            ax.bar([i + k * width for i in range(len(shapes))], values, width, label=impl)
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(shapes))])
+        ax.set_xticklabels(shapes)
+        ax.set_ylabel("GB/s (minimal bytes / time)")
+        ax.set_title(f"{mode}, {dtype}: higher is better; 'floor' = device copy of the same bytes")
+        ax.legend(fontsize=8, ncol=len(impls))
+    fig.suptitle(f"tokemb-fast on {env.get('device')} (torch {env.get('torch')}, triton {env.get('triton')}, "
+                 f"{env.get('date')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
