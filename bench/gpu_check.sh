@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device-time-budgeted check on a lent GPU machine (H100/H200), in a few minutes:
+#   1. install the package (offline: --no-deps --no-build-isolation; the image has torch/triton),
+#   2. the test suite on CUDA (real compiled kernels, Inductor compile tests, 64-bit offsets),
+#   3. the full benchmark table (fused / eager / compile / floor, every shape, fp32 + bf16),
+#      plus the skewed id distributions at gpt2-124M.
+# Logs, JSON and the plot go to $OUT (the device tool's output folder) or /tmp/tokemb-gpu.
+# Usage: bash bench/gpu_check.sh [--quick]   (--quick: tests + gpt2-124M only)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/tokemb-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+{
+  date -u +%Y-%m-%dT%H:%MZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} | tee "$OUT/env.txt"
+
+status=0
+timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ "${1:-}" = "--quick" ]; then
+  shapes=gpt2-124M
+else
+  shapes=seed,gpt2-124M,gpt2-xl,big,decode
+fi
+timeout 300 tokemb-fast bench --shapes "$shapes" --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 \
+  | tee "$OUT/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 120 tokemb-fast bench --shapes gpt2-124M --ids zipf,equal --impls fused,eager --modes fwd+bwd \
+  --json "$OUT/bench-skew.json" 2>&1 | tee "$OUT/bench-skew.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status
