@@ -122,8 +122,11 @@ def embedding_grad_rows_kernel(
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
     keys_ptr, order_ptr, bounds_ptr, chunk_sums_ptr,
     num_rows, dim, batch, seq_len, past_length,
+    padding_idx,                 # this row's gradient is zero (nn.Embedding's padding_idx); -1: none
+    count_divisor,               # SCALE_BY_FREQ: entries per occurrence (B when positions are shared)
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    SCALE_BY_FREQ: tl.constexpr,
     CHUNK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -134,6 +137,12 @@ def embedding_grad_rows_kernel(
     col_ok = cols < dim
 
     start, end = _segment_bounds(rows, row_ok, bounds_ptr, batch, seq_len, past_length, IMPLICIT_POSITIONS)
+    # nn.Embedding's scale_grad_by_freq divides by the id's count in the looked-up tensor. With
+    # positions shared by the batch, that tensor has T entries while the segment has B per
+    # occurrence, hence count_divisor.
+    occurrences = (end - start) // count_divisor
+    # The padding row's gradient is zero: treat its segment as empty (often the longest one).
+    end = tl.where(rows == padding_idx, start, end)
     # A segment that covers at least one whole chunk is summed as: its rows before the first
     # whole chunk (head), the precomputed chunk sums, its rows after the last one (tail).
     # Any other segment is shorter than 2*CHUNK and is summed row by row as its "head".
@@ -171,5 +180,7 @@ def embedding_grad_rows_kernel(
         src = grad_out_ptr + (b * stride_grad_b + step * stride_grad_t)[:, None] + col_offsets
         acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0).to(acc.dtype)
 
+    if SCALE_BY_FREQ:
+        acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]
     dst = grad_table_ptr + rows[:, None] * stride_grad_table_row + cols[None, :]
     tl.store(dst, acc.to(grad_table_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

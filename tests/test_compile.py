@@ -69,7 +69,8 @@ def test_opcheck_forward_and_grad_ops():
     for op, args in [
         (torch.ops.tokemb_fast.input_embedding_forward, (ids, token_weight, position_weight, None, 2)),
         (torch.ops.tokemb_fast.input_embedding_forward, (ids, token_weight, position_weight, position_ids, 0)),
-        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, ids, 20, 0)),
-        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, None, 10, 4)),
+        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, ids, 20, 0, -1, False, 1)),
+        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, position_ids, 10, 0, 3, True, 1)),
+        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, None, 10, 4, 5, True, 3)),
     ]:
         torch.library.opcheck(op, args)  # schema, autograd registration, fake, AOT dispatch

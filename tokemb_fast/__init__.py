@@ -2,7 +2,7 @@
 fused into one Triton kernel on the GPU with a deterministic hand-written backward, and plain
 PyTorch on the CPU."""
 from .functional import FusedInputEmbeddingFunction, fused_input_embedding
-from .module import FusedInputEmbedding
+from .module import FusedInputEmbedding, SinusoidalPositionEmbedding, sinusoidal_table
 from .reference import input_embedding_reference
 
 __version__ = "0.1.0"
@@ -10,7 +10,9 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedInputEmbedding",
     "FusedInputEmbeddingFunction",
+    "SinusoidalPositionEmbedding",
     "fused_input_embedding",
     "input_embedding_reference",
+    "sinusoidal_table",
     "__version__",
 ]

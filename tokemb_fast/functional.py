@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from .reference import input_embedding_reference
-from .validation import check_inputs
+from .reference import default_position_ids, input_embedding_reference
+from .validation import check_inputs, check_table_options
 
 try:
     from . import triton_ops
@@ -44,17 +44,29 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
 
 class FusedInputEmbeddingFunction(torch.autograd.Function):
-    """Autograd for the fused op: ``FusedInputEmbeddingFunction.apply(input_ids, token_weight,
-    position_weight, position_ids=None, past_length=0, check_ids=True)``.
+    """Autograd for the fused op (Triton path)::
+
+        FusedInputEmbeddingFunction.apply(input_ids, token_weight, position_weight, position_ids=None,
+                                          past_length=0, check_ids=True, padding_idx=None,
+                                          scale_grad_by_freq=False, sparse=False, position_padding_idx=None,
+                                          position_scale_grad_by_freq=False, position_sparse=False)
 
     Saves only the ids (and position ids, if given) for the backward: the gradient of a gather
-    needs to know where each row came from, never the tables' values or the output.
-    Arguments are checked here too, so ``.apply`` is as safe as ``fused_input_embedding``.
+    needs to know where each row came from, never the tables' values or the output. Arguments
+    are checked as in ``fused_input_embedding`` (``check_ids=None`` means the caller already did).
+    ``max_norm`` is not an argument: it renormalises the tables before the lookup, outside autograd.
     """
 
     @staticmethod
-    def forward(ctx, input_ids, token_weight, position_weight, position_ids=None, past_length=0, check_ids=True):
-        position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length, check_ids)
+    def forward(ctx, input_ids, token_weight, position_weight, position_ids=None, past_length=0, check_ids=True,
+                padding_idx=None, scale_grad_by_freq=False, sparse=False, position_padding_idx=None,
+                position_scale_grad_by_freq=False, position_sparse=False):
+        if check_ids is not None:
+            position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length,
+                                        check_ids)
+            padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, None, 2.0)
+            position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx,
+                                                       None, 2.0)
         ids_2d = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
         positions_2d = None
         if position_ids is not None:
@@ -69,6 +81,8 @@ class FusedInputEmbeddingFunction(torch.autograd.Function):
         ctx.vocab_size = token_weight.shape[0]
         ctx.num_positions = position_weight.shape[0]
         ctx.one_dim = input_ids.dim() == 1
+        ctx.token_options = (padding_idx, scale_grad_by_freq, sparse)
+        ctx.position_options = (position_padding_idx, position_scale_grad_by_freq, position_sparse)
         return out[0] if ctx.one_dim else out
 
     @staticmethod
@@ -76,15 +90,34 @@ class FusedInputEmbeddingFunction(torch.autograd.Function):
         ids_2d, positions_2d = ctx.saved_tensors
         if ctx.one_dim:
             grad_out = grad_out.unsqueeze(0)
+        batch, seq_len = grad_out.shape[:2]
         grad_token = grad_position = None
         if ctx.needs_input_grad[1]:
-            grad_token = triton_ops.embedding_dense_grad(grad_out, ids_2d, ctx.vocab_size, 0)
+            grad_token = _table_grad(grad_out, ids_2d, ctx.vocab_size, 0, 1, *ctx.token_options)
         if ctx.needs_input_grad[2]:
-            if positions_2d is not None and positions_2d.shape[0] != grad_out.shape[0]:
-                positions_2d = positions_2d.expand(grad_out.shape[0], -1)
-            grad_position = triton_ops.embedding_dense_grad(grad_out, positions_2d, ctx.num_positions,
-                                                            ctx.past_length)
-        return None, grad_token, grad_position, None, None, None
+            # The position ids nn.Embedding would have looked up: [T] (shared by the batch) or [B, T].
+            shared = positions_2d is None or (positions_2d.shape[0] == 1 and batch != 1)
+            if positions_2d is not None and shared:
+                positions_2d = positions_2d.expand(batch, -1)
+            grad_position = _table_grad(grad_out, positions_2d, ctx.num_positions, ctx.past_length,
+                                        max(batch, 1) if shared else 1, *ctx.position_options)
+        return (None, grad_token, grad_position) + (None,) * 9
+
+
+def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx, scale_grad_by_freq, sparse):
+    if sparse:
+        # A sparse gradient is the upstream rows themselves, indexed by id: no reduction, so
+        # nothing to fuse. Built by the function nn.Embedding uses, so it is the same tensor.
+        # Positions shared by the batch were looked up once, as [T]; their rows sum over the batch.
+        if keys is None:
+            grad_out, keys = grad_out.sum(0), default_position_ids(grad_out.shape[1], past_length, grad_out.device)
+        elif count_divisor != 1:
+            grad_out, keys = grad_out.sum(0), keys[0]
+        return torch.ops.aten.embedding_backward(grad_out, keys, num_rows, -1 if padding_idx is None else padding_idx,
+                                                 scale_grad_by_freq, True)
+    return triton_ops.embedding_dense_grad(grad_out, keys, num_rows, past_length,
+                                           -1 if padding_idx is None else padding_idx, scale_grad_by_freq,
+                                           count_divisor)
 
 
 def _unit_column_stride(weight: torch.Tensor) -> torch.Tensor:
@@ -98,6 +131,16 @@ def fused_input_embedding(
     position_ids: Optional[torch.Tensor] = None,
     past_length: int = 0,
     *,
+    padding_idx: Optional[int] = None,
+    max_norm: Optional[float] = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+    position_padding_idx: Optional[int] = None,
+    position_max_norm: Optional[float] = None,
+    position_norm_type: float = 2.0,
+    position_scale_grad_by_freq: bool = False,
+    position_sparse: bool = False,
     check_ids: bool = True,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -110,6 +153,8 @@ def fused_input_embedding(
         position_ids: optional [T], [1, T] or [B, T] positions (e.g. left-padded batches);
             default ``past_length + arange(T)``.
         past_length: first position when position_ids is None (KV-cache decoding).
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: ``F.embedding``'s options for
+            the token table, with the same meaning; ``position_*``: the same for the position table.
         check_ids: check that every id and position is inside its table (one host sync on a GPU).
             With False an out-of-range id is never dereferenced; its output row is NaN.
         backend: 'auto' (Triton for CUDA tensors, PyTorch otherwise), 'triton' or 'torch';
@@ -120,8 +165,32 @@ def fused_input_embedding(
     """
     if not isinstance(token_weight, torch.Tensor):
         raise TypeError(f"token_weight must be a torch.Tensor, got {type(token_weight).__name__}")
-    if _resolve_backend(backend, token_weight.device) == "triton":
-        return FusedInputEmbeddingFunction.apply(input_ids, token_weight, position_weight, position_ids,
-                                                 past_length, check_ids)
+    use_triton = _resolve_backend(backend, token_weight.device) == "triton"
+    # Every check runs before max_norm touches a table, so a rejected call changes nothing.
     position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length, check_ids)
-    return input_embedding_reference(input_ids, token_weight, position_weight, position_ids, past_length)
+    padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, max_norm, norm_type)
+    position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx,
+                                               position_max_norm, position_norm_type)
+    if not use_triton:
+        return input_embedding_reference(
+            input_ids, token_weight, position_weight, position_ids, past_length,
+            padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq,
+            sparse=sparse, position_padding_idx=position_padding_idx, position_max_norm=position_max_norm,
+            position_norm_type=position_norm_type, position_scale_grad_by_freq=position_scale_grad_by_freq,
+            position_sparse=position_sparse)
+    # max_norm: rows looked up in this call are renormalised in place first, by the same function
+    # F.embedding uses, so the same rows change by the same amounts.
+    if max_norm is not None:
+        _renorm_rows(token_weight, input_ids, max_norm, norm_type)
+    if position_max_norm is not None:
+        looked_up = position_ids if position_ids is not None else \
+            default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
+        _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type)
+    return FusedInputEmbeddingFunction.apply(
+        input_ids, token_weight, position_weight, position_ids, past_length, None, padding_idx,
+        scale_grad_by_freq, sparse, position_padding_idx, position_scale_grad_by_freq, position_sparse)
+
+
+def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:
+    with torch.no_grad():
+        torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)

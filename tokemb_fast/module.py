@@ -1,15 +1,64 @@
 """FusedInputEmbedding: a drop-in for ``tok_emb(ids) + pos_emb(arange(T))``.
 
-The module owns two ordinary ``nn.Embedding`` submodules and calls the functional op with their
-``.weight`` at every call, so anything that replaces, loads or ties those weights just works.
-It knows nothing about Triton: the functional op picks the path.
+The module owns two ``nn.Embedding`` submodules and, at every call, reads their ``.weight`` and
+their options (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse) and hands them to
+the functional op. So anything that replaces, loads or ties those weights, or wraps existing
+embeddings with their own options, just works. It knows nothing about Triton.
 """
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .functional import fused_input_embedding
+from .validation import check_table_options
+
+POSITION_KINDS = ("learned", "sinusoidal")
+
+
+def sinusoidal_table(num_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The fixed position table of "Attention Is All You Need" (float64, [num_positions, dim]):
+    row p, column 2i is sin(p / base^(2i/dim)), column 2i+1 is cos(p / base^(2i/dim))."""
+    positions = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    frequencies = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(base) / dim))
+    angles = positions * frequencies[None, :]
+    table = torch.empty(num_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    return table
+
+
+class SinusoidalPositionEmbedding(nn.Module):
+    """A fixed sin/cos position table, held as a non-trainable buffer named ``weight``.
+
+    It stands where a position ``nn.Embedding`` would (same attribute names, no options set);
+    the buffer is not saved in the state_dict (it is a function of its shape) and gets no gradient.
+    """
+
+    padding_idx = None
+    max_norm = None
+    norm_type = 2.0
+    scale_grad_by_freq = False
+    sparse = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype),
+                             persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(sinusoidal_table(self.num_embeddings, self.embedding_dim))
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(position_ids, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 class FusedInputEmbedding(nn.Module):
@@ -19,28 +68,54 @@ class FusedInputEmbedding(nn.Module):
         vocab_size: rows of the token table.
         context_length: rows of the position table (the longest T + past_length).
         embedding_dim: D.
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: ``nn.Embedding``'s options
+            for the token table, with the same meaning.
+        position: 'learned' (an ``nn.Embedding``) or 'sinusoidal' (the fixed sin/cos table of the
+            original Transformer, a non-trainable buffer).
+        position_padding_idx, position_max_norm, position_norm_type, position_scale_grad_by_freq:
+            the same options for a learned position table.
         check_ids: check ids and positions against the tables on every call (default True;
             on a GPU this costs one host sync, see the README).
         device, dtype: factory kwargs for both tables.
 
-    Submodules ``tok_emb`` and ``pos_emb`` are plain ``nn.Embedding`` s (state_dict keys
-    ``tok_emb.weight`` and ``pos_emb.weight``).
+    Submodules ``tok_emb`` and ``pos_emb`` are ``nn.Embedding`` s (state_dict keys
+    ``tok_emb.weight`` and ``pos_emb.weight``), or a ``SinusoidalPositionEmbedding`` for
+    ``position='sinusoidal'``.
     """
 
-    def __init__(self, vocab_size: int, context_length: int, embedding_dim: int, *, check_ids: bool = True,
-                 device=None, dtype=None):
+    def __init__(self, vocab_size: int, context_length: int, embedding_dim: int, *,
+                 padding_idx: Optional[int] = None, max_norm: Optional[float] = None, norm_type: float = 2.0,
+                 scale_grad_by_freq: bool = False, sparse: bool = False, position: str = "learned",
+                 position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
+                 position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
+                 check_ids: bool = True, device=None, dtype=None):
         super().__init__()
-        self.tok_emb = nn.Embedding(vocab_size, embedding_dim, device=device, dtype=dtype)
-        self.pos_emb = nn.Embedding(context_length, embedding_dim, device=device, dtype=dtype)
+        if position not in POSITION_KINDS:
+            raise ValueError(f"position must be one of {POSITION_KINDS}, got {position!r}")
+        check_table_options("token", vocab_size, padding_idx, max_norm, norm_type)
+        self.tok_emb = nn.Embedding(vocab_size, embedding_dim, padding_idx=padding_idx, max_norm=max_norm,
+                                    norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse,
+                                    device=device, dtype=dtype)
+        if position == "sinusoidal":
+            if (position_padding_idx, position_max_norm, position_scale_grad_by_freq) != (None, None, False):
+                raise ValueError("position options apply to a learned position table, not position='sinusoidal'")
+            self.pos_emb = SinusoidalPositionEmbedding(context_length, embedding_dim, device=device, dtype=dtype)
+        else:
+            check_table_options("position", context_length, position_padding_idx, position_max_norm, position_norm_type)
+            self.pos_emb = nn.Embedding(context_length, embedding_dim, padding_idx=position_padding_idx,
+                                        max_norm=position_max_norm, norm_type=position_norm_type,
+                                        scale_grad_by_freq=position_scale_grad_by_freq, device=device, dtype=dtype)
         self.check_ids = check_ids
 
     @classmethod
-    def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Embedding, *,
+    def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Module, *,
                         check_ids: bool = True) -> "FusedInputEmbedding":
-        """Wrap two existing ``nn.Embedding`` modules; their weights are shared, never copied."""
-        for name, emb in (("tok_emb", tok_emb), ("pos_emb", pos_emb)):
-            if not isinstance(emb, nn.Embedding):
-                raise TypeError(f"{name} must be an nn.Embedding, got {type(emb).__name__}")
+        """Wrap two existing embeddings; weights are shared, never copied, and their options
+        (padding_idx, max_norm, ...) are honoured as they are at each call."""
+        if not isinstance(tok_emb, nn.Embedding):
+            raise TypeError(f"tok_emb must be an nn.Embedding, got {type(tok_emb).__name__}")
+        if not isinstance(pos_emb, (nn.Embedding, SinusoidalPositionEmbedding)):
+            raise TypeError(f"pos_emb must be an nn.Embedding, got {type(pos_emb).__name__}")
         if tok_emb.embedding_dim != pos_emb.embedding_dim:
             raise ValueError(f"tok_emb has embedding_dim {tok_emb.embedding_dim} but pos_emb has "
                              f"{pos_emb.embedding_dim}")
@@ -50,6 +125,28 @@ class FusedInputEmbedding(nn.Module):
         self.pos_emb = pos_emb
         self.check_ids = check_ids
         return self
+
+    @classmethod
+    def from_pretrained(cls, token_weight: torch.Tensor, position_weight: torch.Tensor, freeze: bool = True, *,
+                        padding_idx: Optional[int] = None, max_norm: Optional[float] = None, norm_type: float = 2.0,
+                        scale_grad_by_freq: bool = False, sparse: bool = False,
+                        position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
+                        position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
+                        check_ids: bool = True) -> "FusedInputEmbedding":
+        """Like ``nn.Embedding.from_pretrained`` for both tables (freeze=True: no gradients)."""
+        for name, weight in (("token_weight", token_weight), ("position_weight", position_weight)):
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D tensor [num_rows, embedding_dim]")
+        check_table_options("token", token_weight.shape[0], padding_idx, max_norm, norm_type)
+        check_table_options("position", position_weight.shape[0], position_padding_idx, position_max_norm,
+                       position_norm_type)
+        tok_emb = nn.Embedding.from_pretrained(token_weight, freeze=freeze, padding_idx=padding_idx,
+                                               max_norm=max_norm, norm_type=norm_type,
+                                               scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+        pos_emb = nn.Embedding.from_pretrained(position_weight, freeze=freeze, padding_idx=position_padding_idx,
+                                               max_norm=position_max_norm, norm_type=position_norm_type,
+                                               scale_grad_by_freq=position_scale_grad_by_freq)
+        return cls.from_embeddings(tok_emb, pos_emb, check_ids=check_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -63,11 +160,24 @@ class FusedInputEmbedding(nn.Module):
     def embedding_dim(self) -> int:
         return self.tok_emb.embedding_dim
 
+    def reset_parameters(self) -> None:
+        """nn.Embedding's initialisation (N(0, 1), padding rows zeroed); a sinusoidal table is rebuilt."""
+        self.tok_emb.reset_parameters()
+        self.pos_emb.reset_parameters()
+
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 past_length: int = 0) -> torch.Tensor:
-        return fused_input_embedding(input_ids, self.tok_emb.weight, self.pos_emb.weight,
-                                     position_ids=position_ids, past_length=past_length,
-                                     check_ids=self.check_ids)
+        tok, pos = self.tok_emb, self.pos_emb
+        return fused_input_embedding(
+            input_ids, tok.weight, pos.weight, position_ids=position_ids, past_length=past_length,
+            padding_idx=tok.padding_idx, max_norm=tok.max_norm, norm_type=tok.norm_type,
+            scale_grad_by_freq=tok.scale_grad_by_freq, sparse=tok.sparse,
+            position_padding_idx=pos.padding_idx, position_max_norm=pos.max_norm, position_norm_type=pos.norm_type,
+            position_scale_grad_by_freq=pos.scale_grad_by_freq, position_sparse=pos.sparse,
+            check_ids=self.check_ids)
 
     def extra_repr(self) -> str:
-        return f"check_ids={self.check_ids}"
+        position = "sinusoidal" if isinstance(self.pos_emb, SinusoidalPositionEmbedding) else "learned"
+        return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, "
+                f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids}")
+

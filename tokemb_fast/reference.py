@@ -1,7 +1,8 @@
 """The plain-PyTorch definition of the op: the CPU fallback and the test oracle.
 
-Kept deliberately naive (two ``F.embedding`` calls and an add) so that it is obviously right.
-Arguments are checked by the caller (``tokemb_fast.functional``), not here.
+Kept deliberately naive (two ``F.embedding`` calls and an add) so that it is obviously right,
+and so that every nn.Embedding option means exactly what it means there. Arguments are checked
+by the caller (``tokemb_fast.functional``), not here.
 """
 from typing import Optional
 
@@ -20,12 +21,28 @@ def input_embedding_reference(
     position_weight: torch.Tensor,
     position_ids: Optional[torch.Tensor] = None,
     past_length: int = 0,
+    *,
+    padding_idx: Optional[int] = None,
+    max_norm: Optional[float] = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+    position_padding_idx: Optional[int] = None,
+    position_max_norm: Optional[float] = None,
+    position_norm_type: float = 2.0,
+    position_scale_grad_by_freq: bool = False,
+    position_sparse: bool = False,
 ) -> torch.Tensor:
-    """``F.embedding(ids, token_weight) + F.embedding(positions, position_weight)``.
+    """``F.embedding(ids, token_weight, ...) + F.embedding(positions, position_weight, ...)``.
 
-    position_ids is [T] or [B, T] (or None for ``arange(T) + past_length``); the position rows
-    broadcast over the batch.
+    position_ids is [T] or [B, T] (or None for ``arange(T) + past_length``, looked up once as a
+    [T] tensor like GPT-2's ``pos_emb(arange(T))``); the position rows broadcast over the batch.
+    The keyword options are nn.Embedding's, for the token table and (``position_*``) the
+    position table.
     """
     if position_ids is None:
         position_ids = default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
-    return F.embedding(input_ids, token_weight) + F.embedding(position_ids, position_weight)
+    tokens = F.embedding(input_ids, token_weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    positions = F.embedding(position_ids, position_weight, position_padding_idx, position_max_norm,
+                            position_norm_type, position_scale_grad_by_freq, position_sparse)
+    return tokens + positions

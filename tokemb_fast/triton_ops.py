@@ -117,11 +117,15 @@ def embedding_dense_grad(
     keys: Optional[torch.Tensor],
     num_rows: int,
     past_length: int,
+    padding_idx: int,
+    scale_grad_by_freq: bool,
+    count_divisor: int,
 ) -> torch.Tensor:
     """Gradient of a [num_rows, D] table from grad_out [B, T, D] (any strides).
 
     keys [B, T] names the table row each (b, t) read (token ids, or position ids); None means
-    the default positions arange(T) + past_length for every batch row.
+    the default positions arange(T) + past_length for every batch row. padding_idx (-1: none)
+    gets a zero row; scale_grad_by_freq divides each row by its count / count_divisor.
     """
     batch, seq_len, dim = grad_out.shape
     grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
@@ -158,8 +162,8 @@ def embedding_dense_grad(
     rows_per_program = min(64, max(1, TILE // block_d))
     wrap_triton(embedding_grad_rows_kernel)[(triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d))](
         grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds, chunk_sums,
-        num_rows, dim, batch, seq_len, past_length,
-        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=4, **common,
+        num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
+        SCALE_BY_FREQ=scale_grad_by_freq, ROWS=rows_per_program, BLOCK_D=block_d, num_warps=4, **common,
     )
     return grad_table
 
@@ -171,5 +175,5 @@ if INTERPRETED:
         return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
 
     @embedding_dense_grad.register_fake
-    def _(grad_out, keys, num_rows, past_length):
+    def _(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor):
         return grad_out.new_empty((num_rows, grad_out.shape[2]))

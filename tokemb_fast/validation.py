@@ -96,6 +96,24 @@ def check_inputs(
     return position_ids
 
 
+def check_table_options(table: str, num_rows: int, padding_idx, max_norm, norm_type) -> Optional[int]:
+    """Check one table's nn.Embedding options; return padding_idx as a row index (or None)."""
+    if padding_idx is not None:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+            raise TypeError(f"{table} padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        if not -num_rows <= padding_idx < num_rows:
+            raise ValueError(f"{table} padding_idx {padding_idx} is outside the {table} table of {num_rows} rows "
+                             f"(valid: {-num_rows}..{num_rows - 1}, negative values count from the end)")
+        if padding_idx < 0:
+            padding_idx += num_rows
+    if max_norm is not None:
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+            raise ValueError(f"{table} max_norm must be a number > 0 or None, got {max_norm!r}")
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
+        raise ValueError(f"{table} norm_type must be a number > 0 (the p of the p-norm), got {norm_type!r}")
+    return padding_idx
+
+
 def _check_id_ranges(input_ids, vocab_size, position_ids, num_positions) -> None:
     # One reduction per tensor and a single device->host copy for all of them.
     parts = []
