@@ -4,9 +4,11 @@ Only ``@triton.jit`` functions live here: no shapes are checked and nothing is l
 launchers, with their argument checks, are in ``tokemb_fast.triton_ops``.
 """
 from .backward import embedding_grad_rows_kernel, segment_bounds_kernel, segment_chunk_sums_kernel
+from .dropout import apply_dropout_mask_kernel
 from .forward import input_embedding_fwd_kernel
 
 __all__ = [
+    "apply_dropout_mask_kernel",
     "input_embedding_fwd_kernel",
     "segment_bounds_kernel",
     "segment_chunk_sums_kernel",

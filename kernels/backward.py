@@ -26,6 +26,8 @@ order is known in closed form, which the IMPLICIT_POSITIONS variant computes ins
 import triton
 import triton.language as tl
 
+from .dropout import dropout_keep
+
 
 @triton.jit
 def _sorted_entry(j, keys_ptr, order_ptr, mask, batch, seq_len, past_length,
@@ -42,6 +44,23 @@ def _sorted_entry(j, keys_ptr, order_ptr, mask, batch, seq_len, past_length,
         b = flat // seq_len
         step = flat - b * seq_len
     return key, b, step
+
+
+@triton.jit
+def _load_grad(grad_out_ptr, b, step, cols, mask, stride_grad_b, stride_grad_t, stride_grad_d, seq_len, dim,
+               dropout_seed_ptr, dropout_scale_ptr, dropout_p, HAS_DROPOUT: tl.constexpr):
+    """grad_out[b, step, cols] as a [len(b), len(cols)] fp32 tile, times the forward's dropout mask
+    and scale (regenerated from the seed) when the forward had dropout."""
+    src = grad_out_ptr + (b * stride_grad_b + step * stride_grad_t)[:, None] + cols[None, :] * stride_grad_d
+    grad = tl.load(src, mask=mask, other=0.0)
+    if HAS_DROPOUT:
+        element = (b * seq_len + step)[:, None] * dim + cols[None, :]
+        keep = dropout_keep(dropout_seed_ptr, element, dropout_p)
+        if grad.dtype == tl.float64:
+            grad = tl.where(keep, grad * tl.load(dropout_scale_ptr), 0.0)
+        else:
+            grad = tl.where(keep, grad.to(tl.float32) * tl.load(dropout_scale_ptr).to(tl.float32), 0.0)
+    return grad
 
 
 @triton.jit
@@ -87,8 +106,10 @@ def segment_chunk_sums_kernel(
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
     keys_ptr, order_ptr,
     n_entries, dim, batch, seq_len, past_length,
+    dropout_seed_ptr, dropout_scale_ptr, dropout_p,
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -106,9 +127,9 @@ def segment_chunk_sums_kernel(
         entries = first + tl.arange(0, CHUNK)
         _key, b, step = _sorted_entry(entries, keys_ptr, order_ptr, entries < n_entries, batch, seq_len,
                                       past_length, IMPLICIT_POSITIONS)
-        src = grad_out_ptr + b[:, None] * stride_grad_b + step[:, None] * stride_grad_t \
-            + cols[None, :] * stride_grad_d
-        tile = tl.load(src, mask=col_ok[None, :], other=0.0)
+        tile = _load_grad(grad_out_ptr, b, step, cols, (entries < n_entries)[:, None] & col_ok[None, :],
+                          stride_grad_b, stride_grad_t, stride_grad_d, seq_len, dim,
+                          dropout_seed_ptr, dropout_scale_ptr, dropout_p, HAS_DROPOUT)
         if ACC_FP64:
             total = tl.sum(tile.to(tl.float64), axis=0)
         else:
@@ -124,9 +145,11 @@ def embedding_grad_rows_kernel(
     num_rows, dim, batch, seq_len, past_length,
     padding_idx,                 # this row's gradient is zero (nn.Embedding's padding_idx); -1: none
     count_divisor,               # SCALE_BY_FREQ: entries per occurrence (B when positions are shared)
+    dropout_seed_ptr, dropout_scale_ptr, dropout_p,
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
     SCALE_BY_FREQ: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     CHUNK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -157,15 +180,15 @@ def embedding_grad_rows_kernel(
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float64)
     else:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    col_offsets = cols[None, :] * stride_grad_d
 
     for i in range(0, tl.max(head_end - start, axis=0)):
         entry = start + i
         live = entry < head_end
         _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
                                       IMPLICIT_POSITIONS)
-        src = grad_out_ptr + (b * stride_grad_b + step * stride_grad_t)[:, None] + col_offsets
-        acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0).to(acc.dtype)
+        acc += _load_grad(grad_out_ptr, b, step, cols, live[:, None] & col_ok[None, :], stride_grad_b, stride_grad_t,
+                          stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_p,
+                          HAS_DROPOUT).to(acc.dtype)
 
     for c in range(0, tl.max(n_chunks, axis=0)):
         live = c < n_chunks
@@ -177,8 +200,9 @@ def embedding_grad_rows_kernel(
         live = entry < end
         _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
                                       IMPLICIT_POSITIONS)
-        src = grad_out_ptr + (b * stride_grad_b + step * stride_grad_t)[:, None] + col_offsets
-        acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0).to(acc.dtype)
+        acc += _load_grad(grad_out_ptr, b, step, cols, live[:, None] & col_ok[None, :], stride_grad_b, stride_grad_t,
+                          stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_p,
+                          HAS_DROPOUT).to(acc.dtype)
 
     if SCALE_BY_FREQ:
         acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]

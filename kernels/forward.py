@@ -1,4 +1,4 @@
-"""Forward kernel: out[b, t, :] = token_weight[ids[b, t], :] + position_weight[pos[b, t], :].
+"""Forward kernel: out[b, t, :] = dropout(token_weight[ids[b, t], :] + position_weight[pos[b, t], :]).
 
 One launch. Each program owns a tile of BLOCK_N flattened (b, t) rows by BLOCK_D columns, so
 every output element is written by exactly one program and the output needs no zero-fill.
@@ -6,6 +6,8 @@ The op moves B*T*D table elements in and B*T*D out; anything else (ids, position
 """
 import triton
 import triton.language as tl
+
+from .dropout import dropout_keep
 
 
 @triton.jit
@@ -16,7 +18,9 @@ def input_embedding_fwd_kernel(
     token_weight_ptr, stride_token_row,
     position_weight_ptr, stride_position_row,
     n_rows, seq_len, dim, vocab_size, num_positions, past_length,
+    dropout_seed_ptr, dropout_scale_ptr, dropout_p,   # unused unless HAS_DROPOUT
     HAS_POSITION_IDS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_D: tl.constexpr,
     TILE: tl.constexpr,          # output elements per program; BLOCK_N = TILE // BLOCK_D rows
@@ -59,4 +63,10 @@ def input_embedding_fwd_kernel(
     else:
         acc = tok.to(tl.float32) + pos.to(tl.float32)
     acc = tl.where(both_ok[:, None], acc, float("nan"))
-    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    out_offsets = rows[:, None] * dim + cols[None, :]
+    if HAS_DROPOUT:
+        # Scaled in the accumulator dtype and rounded once; the mask is never stored: the
+        # backward regenerates it from the same (seed, element index).
+        keep = dropout_keep(dropout_seed_ptr, out_offsets, dropout_p)
+        acc = tl.where(keep, acc * tl.load(dropout_scale_ptr).to(acc.dtype), 0.0)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .reference import default_position_ids, input_embedding_reference
-from .validation import check_inputs, check_table_options
+from .validation import check_dropout, check_inputs, check_table_options
 
 try:
     from . import triton_ops
@@ -49,19 +49,22 @@ class FusedInputEmbeddingFunction(torch.autograd.Function):
         FusedInputEmbeddingFunction.apply(input_ids, token_weight, position_weight, position_ids=None,
                                           past_length=0, check_ids=True, padding_idx=None,
                                           scale_grad_by_freq=False, sparse=False, position_padding_idx=None,
-                                          position_scale_grad_by_freq=False, position_sparse=False)
+                                          position_scale_grad_by_freq=False, position_sparse=False,
+                                          dropout_p=0.0)
 
     Saves only the ids (and position ids, if given) for the backward: the gradient of a gather
-    needs to know where each row came from, never the tables' values or the output. Arguments
-    are checked as in ``fused_input_embedding`` (``check_ids=None`` means the caller already did).
+    needs to know where each row came from, never the tables' values or the output. With dropout
+    it also saves the call's seed and scale (one element each), never a mask. Arguments are
+    checked as in ``fused_input_embedding`` (``check_ids=None`` means the caller already did).
     ``max_norm`` is not an argument: it renormalises the tables before the lookup, outside autograd.
     """
 
     @staticmethod
     def forward(ctx, input_ids, token_weight, position_weight, position_ids=None, past_length=0, check_ids=True,
                 padding_idx=None, scale_grad_by_freq=False, sparse=False, position_padding_idx=None,
-                position_scale_grad_by_freq=False, position_sparse=False):
+                position_scale_grad_by_freq=False, position_sparse=False, dropout_p=0.0):
         if check_ids is not None:
+            dropout_p = check_dropout(dropout_p)
             position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length,
                                         check_ids)
             padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, None, 2.0)
@@ -73,10 +76,14 @@ class FusedInputEmbeddingFunction(torch.autograd.Function):
             positions_2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
         # Only a row stride is passed to the kernels; a table with a strided last dim is rare
         # (a transposed view) and gets a contiguous copy rather than a wrong answer.
+        seed = scale = None
+        if dropout_p > 0:
+            seed, scale = _dropout_state(dropout_p, token_weight.device)
         out = triton_ops.input_embedding_forward(
             ids_2d, _unit_column_stride(token_weight), _unit_column_stride(position_weight),
-            positions_2d, past_length)
-        ctx.save_for_backward(ids_2d, positions_2d)
+            positions_2d, past_length, dropout_p, seed, scale)
+        ctx.save_for_backward(ids_2d, positions_2d, seed, scale)
+        ctx.dropout_p = dropout_p
         ctx.past_length = past_length
         ctx.vocab_size = token_weight.shape[0]
         ctx.num_positions = position_weight.shape[0]
@@ -87,25 +94,42 @@ class FusedInputEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ids_2d, positions_2d = ctx.saved_tensors
+        ids_2d, positions_2d, seed, scale = ctx.saved_tensors
+        dropout = (ctx.dropout_p, seed, scale)
         if ctx.one_dim:
             grad_out = grad_out.unsqueeze(0)
         batch, seq_len = grad_out.shape[:2]
         grad_token = grad_position = None
         if ctx.needs_input_grad[1]:
-            grad_token = _table_grad(grad_out, ids_2d, ctx.vocab_size, 0, 1, *ctx.token_options)
+            grad_token = _table_grad(grad_out, ids_2d, ctx.vocab_size, 0, 1, *ctx.token_options, dropout)
         if ctx.needs_input_grad[2]:
             # The position ids nn.Embedding would have looked up: [T] (shared by the batch) or [B, T].
             shared = positions_2d is None or (positions_2d.shape[0] == 1 and batch != 1)
             if positions_2d is not None and shared:
                 positions_2d = positions_2d.expand(batch, -1)
             grad_position = _table_grad(grad_out, positions_2d, ctx.num_positions, ctx.past_length,
-                                        max(batch, 1) if shared else 1, *ctx.position_options)
-        return (None, grad_token, grad_position) + (None,) * 9
+                                        max(batch, 1) if shared else 1, *ctx.position_options, dropout)
+        return (None, grad_token, grad_position) + (None,) * 10
 
 
-def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx, scale_grad_by_freq, sparse):
+def _dropout_state(dropout_p: float, device: torch.device):
+    """This call's dropout seed and scale, as 1-element device tensors.
+
+    Drawn from the device's default generator by a device op: torch.manual_seed reproduces a run,
+    consecutive calls get fresh masks, no host sync happens and a captured CUDA graph draws a
+    fresh seed at each replay.
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    scale = torch.full((1,), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0, dtype=torch.float64, device=device)
+    return seed, scale
+
+
+def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx, scale_grad_by_freq, sparse,
+                dropout):
+    dropout_p, seed, scale = dropout
     if sparse:
+        if seed is not None:
+            grad_out = triton_ops.dropout_masked_grad(grad_out, dropout_p, seed, scale)
         # A sparse gradient is the upstream rows themselves, indexed by id: no reduction, so
         # nothing to fuse. Built by the function nn.Embedding uses, so it is the same tensor.
         # Positions shared by the batch were looked up once, as [T]; their rows sum over the batch.
@@ -117,7 +141,7 @@ def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_id
                                                  scale_grad_by_freq, True)
     return triton_ops.embedding_dense_grad(grad_out, keys, num_rows, past_length,
                                            -1 if padding_idx is None else padding_idx, scale_grad_by_freq,
-                                           count_divisor)
+                                           count_divisor, dropout_p, seed, scale)
 
 
 def _unit_column_stride(weight: torch.Tensor) -> torch.Tensor:
@@ -141,10 +165,12 @@ def fused_input_embedding(
     position_norm_type: float = 2.0,
     position_scale_grad_by_freq: bool = False,
     position_sparse: bool = False,
+    dropout_p: float = 0.0,
+    training: bool = True,
     check_ids: bool = True,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """``token_weight[input_ids] + position_weight[positions]`` in one pass.
+    """``dropout(token_weight[input_ids] + position_weight[positions])`` in one pass.
 
     Args:
         input_ids: int64 or int32 token ids, [T] or [B, T].
@@ -155,6 +181,8 @@ def fused_input_embedding(
         past_length: first position when position_ids is None (KV-cache decoding).
         padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: ``F.embedding``'s options for
             the token table, with the same meaning; ``position_*``: the same for the position table.
+        dropout_p, training: ``F.dropout`` of the sum, fused (the mask is regenerated from a seed
+            in the backward, never stored). Off unless training and dropout_p > 0.
         check_ids: check that every id and position is inside its table (one host sync on a GPU).
             With False an out-of-range id is never dereferenced; its output row is NaN.
         backend: 'auto' (Triton for CUDA tensors, PyTorch otherwise), 'triton' or 'torch';
@@ -171,13 +199,16 @@ def fused_input_embedding(
     padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, max_norm, norm_type)
     position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx,
                                                position_max_norm, position_norm_type)
+    dropout_p = check_dropout(dropout_p) if training else 0.0
     if not use_triton:
-        return input_embedding_reference(
+        out = input_embedding_reference(
             input_ids, token_weight, position_weight, position_ids, past_length,
             padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq,
             sparse=sparse, position_padding_idx=position_padding_idx, position_max_norm=position_max_norm,
             position_norm_type=position_norm_type, position_scale_grad_by_freq=position_scale_grad_by_freq,
             position_sparse=position_sparse)
+        # A different random stream from the kernels' (PyTorch's CPU/CUDA generator vs Philox in Triton).
+        return torch.nn.functional.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
     # max_norm: rows looked up in this call are renormalised in place first, by the same function
     # F.embedding uses, so the same rows change by the same amounts.
     if max_norm is not None:
@@ -188,7 +219,7 @@ def fused_input_embedding(
         _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type)
     return FusedInputEmbeddingFunction.apply(
         input_ids, token_weight, position_weight, position_ids, past_length, None, padding_idx,
-        scale_grad_by_freq, sparse, position_padding_idx, position_scale_grad_by_freq, position_sparse)
+        scale_grad_by_freq, sparse, position_padding_idx, position_scale_grad_by_freq, position_sparse, dropout_p)
 
 
 def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:

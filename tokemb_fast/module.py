@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .functional import fused_input_embedding
-from .validation import check_table_options
+from .validation import check_dropout, check_table_options
 
 POSITION_KINDS = ("learned", "sinusoidal")
 
@@ -74,13 +74,15 @@ class FusedInputEmbedding(nn.Module):
             original Transformer, a non-trainable buffer).
         position_padding_idx, position_max_norm, position_norm_type, position_scale_grad_by_freq:
             the same options for a learned position table.
+        dropout: probability of the dropout applied to the sum (GPT-2's embedding dropout), fused
+            into the kernel; it follows ``train()`` / ``eval()`` like ``nn.Dropout``.
         check_ids: check ids and positions against the tables on every call (default True;
             on a GPU this costs one host sync, see the README).
         device, dtype: factory kwargs for both tables.
 
     Submodules ``tok_emb`` and ``pos_emb`` are ``nn.Embedding`` s (state_dict keys
     ``tok_emb.weight`` and ``pos_emb.weight``), or a ``SinusoidalPositionEmbedding`` for
-    ``position='sinusoidal'``.
+    ``position='sinusoidal'``; ``drop`` is an ``nn.Dropout`` (no state).
     """
 
     def __init__(self, vocab_size: int, context_length: int, embedding_dim: int, *,
@@ -88,7 +90,7 @@ class FusedInputEmbedding(nn.Module):
                  scale_grad_by_freq: bool = False, sparse: bool = False, position: str = "learned",
                  position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
                  position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
-                 check_ids: bool = True, device=None, dtype=None):
+                 dropout: float = 0.0, check_ids: bool = True, device=None, dtype=None):
         super().__init__()
         if position not in POSITION_KINDS:
             raise ValueError(f"position must be one of {POSITION_KINDS}, got {position!r}")
@@ -105,13 +107,16 @@ class FusedInputEmbedding(nn.Module):
             self.pos_emb = nn.Embedding(context_length, embedding_dim, padding_idx=position_padding_idx,
                                         max_norm=position_max_norm, norm_type=position_norm_type,
                                         scale_grad_by_freq=position_scale_grad_by_freq, device=device, dtype=dtype)
+        self.drop = _as_dropout(dropout)
         self.check_ids = check_ids
 
     @classmethod
-    def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Module, *,
+    def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Module, *, dropout=0.0,
                         check_ids: bool = True) -> "FusedInputEmbedding":
         """Wrap two existing embeddings; weights are shared, never copied, and their options
-        (padding_idx, max_norm, ...) are honoured as they are at each call."""
+        (padding_idx, max_norm, ...) are honoured as they are at each call. ``dropout`` is a
+        probability or the model's own ``nn.Dropout`` module, whose ``p`` and train/eval mode are
+        read at each call."""
         if not isinstance(tok_emb, nn.Embedding):
             raise TypeError(f"tok_emb must be an nn.Embedding, got {type(tok_emb).__name__}")
         if not isinstance(pos_emb, (nn.Embedding, SinusoidalPositionEmbedding)):
@@ -123,6 +128,7 @@ class FusedInputEmbedding(nn.Module):
         nn.Module.__init__(self)
         self.tok_emb = tok_emb
         self.pos_emb = pos_emb
+        self.drop = _as_dropout(dropout)
         self.check_ids = check_ids
         return self
 
@@ -132,7 +138,7 @@ class FusedInputEmbedding(nn.Module):
                         scale_grad_by_freq: bool = False, sparse: bool = False,
                         position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
                         position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
-                        check_ids: bool = True) -> "FusedInputEmbedding":
+                        dropout: float = 0.0, check_ids: bool = True) -> "FusedInputEmbedding":
         """Like ``nn.Embedding.from_pretrained`` for both tables (freeze=True: no gradients)."""
         for name, weight in (("token_weight", token_weight), ("position_weight", position_weight)):
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -146,7 +152,7 @@ class FusedInputEmbedding(nn.Module):
         pos_emb = nn.Embedding.from_pretrained(position_weight, freeze=freeze, padding_idx=position_padding_idx,
                                                max_norm=position_max_norm, norm_type=position_norm_type,
                                                scale_grad_by_freq=position_scale_grad_by_freq)
-        return cls.from_embeddings(tok_emb, pos_emb, check_ids=check_ids)
+        return cls.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=check_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -167,17 +173,24 @@ class FusedInputEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 past_length: int = 0) -> torch.Tensor:
-        tok, pos = self.tok_emb, self.pos_emb
+        tok, pos, drop = self.tok_emb, self.pos_emb, self.drop
         return fused_input_embedding(
             input_ids, tok.weight, pos.weight, position_ids=position_ids, past_length=past_length,
             padding_idx=tok.padding_idx, max_norm=tok.max_norm, norm_type=tok.norm_type,
             scale_grad_by_freq=tok.scale_grad_by_freq, sparse=tok.sparse,
             position_padding_idx=pos.padding_idx, position_max_norm=pos.max_norm, position_norm_type=pos.norm_type,
             position_scale_grad_by_freq=pos.scale_grad_by_freq, position_sparse=pos.sparse,
-            check_ids=self.check_ids)
+            dropout_p=drop.p, training=drop.training, check_ids=self.check_ids)
 
     def extra_repr(self) -> str:
         position = "sinusoidal" if isinstance(self.pos_emb, SinusoidalPositionEmbedding) else "learned"
         return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, "
                 f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids}")
 
+
+def _as_dropout(dropout) -> nn.Dropout:
+    if isinstance(dropout, nn.Dropout):
+        return dropout
+    if isinstance(dropout, nn.Module):
+        raise TypeError(f"dropout must be a probability or an nn.Dropout, got {type(dropout).__name__}")
+    return nn.Dropout(check_dropout(dropout))

@@ -15,8 +15,8 @@ import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
 
-from .kernels import (embedding_grad_rows_kernel, input_embedding_fwd_kernel, segment_bounds_kernel,
-                      segment_chunk_sums_kernel)
+from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
+                      segment_bounds_kernel, segment_chunk_sums_kernel)
 
 #: True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -68,6 +68,13 @@ else:
     _FORWARD_FIXED = {}
 
 
+def _dropout_args(dropout_p, dropout_seed, dropout_scale, placeholder):
+    # Without dropout the kernels never read these; any pointer will do.
+    if dropout_seed is None:
+        return placeholder, placeholder, 0.0
+    return dropout_seed, dropout_scale, dropout_p
+
+
 def _batch_stride(tensor: torch.Tensor) -> int:
     # A [1, T] view broadcast over the batch reads row 0 for every b.
     return 0 if tensor.shape[0] == 1 else tensor.stride(0)
@@ -80,8 +87,15 @@ def input_embedding_forward(
     position_weight: torch.Tensor,
     position_ids: Optional[torch.Tensor],
     past_length: int,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    dropout_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """[B, T] ids -> [B, T, D] = token_weight[ids] + position_weight[positions]."""
+    """[B, T] ids -> [B, T, D] = dropout(token_weight[ids] + position_weight[positions]).
+
+    Dropout is on when dropout_seed (int64 [1]) is given: elements are zeroed with probability
+    dropout_p and the rest multiplied by dropout_scale (fp64 [1], 1/(1-p)).
+    """
     batch, seq_len = input_ids.shape
     dim = token_weight.shape[1]
     out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
@@ -103,7 +117,9 @@ def input_embedding_forward(
         token_weight, token_weight.stride(0),
         position_weight, position_weight.stride(0),
         n_rows, seq_len, dim, token_weight.shape[0], position_weight.shape[0], past_length,
+        *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
         HAS_POSITION_IDS=has_position_ids,
+        HAS_DROPOUT=dropout_seed is not None,
         ACC_FP64=token_weight.dtype == torch.float64,
         BLOCK_D=block_d,
         **_FORWARD_FIXED,
@@ -120,12 +136,16 @@ def embedding_dense_grad(
     padding_idx: int,
     scale_grad_by_freq: bool,
     count_divisor: int,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    dropout_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Gradient of a [num_rows, D] table from grad_out [B, T, D] (any strides).
 
     keys [B, T] names the table row each (b, t) read (token ids, or position ids); None means
     the default positions arange(T) + past_length for every batch row. padding_idx (-1: none)
-    gets a zero row; scale_grad_by_freq divides each row by its count / count_divisor.
+    gets a zero row; scale_grad_by_freq divides each row by its count / count_divisor. With
+    dropout_seed, each grad element is first multiplied by the forward's regenerated mask and scale.
     """
     batch, seq_len, dim = grad_out.shape
     grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
@@ -150,30 +170,59 @@ def embedding_dense_grad(
     n_chunks = n_entries // GRAD_CHUNK
     chunk_sums = torch.empty((max(n_chunks, 1), dim), dtype=acc_dtype, device=grad_out.device)
     strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    common = dict(IMPLICIT_POSITIONS=implicit, ACC_FP64=acc_dtype == torch.float64, CHUNK=GRAD_CHUNK)
+    dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
+    common = dict(IMPLICIT_POSITIONS=implicit, ACC_FP64=acc_dtype == torch.float64, CHUNK=GRAD_CHUNK,
+                  HAS_DROPOUT=dropout_seed is not None)
     if n_chunks > 0:
         chunk_block_d = _block_d(dim, 256)
         wrap_triton(segment_chunk_sums_kernel)[(n_chunks, triton.cdiv(dim, chunk_block_d))](
             chunk_sums, grad_out, *strides, sorted_keys, order,
-            n_entries, dim, batch, seq_len, past_length,
+            n_entries, dim, batch, seq_len, past_length, *dropout,
             BLOCK_D=chunk_block_d, num_warps=4, **common,
         )
     block_d = _block_d(dim, 256)
     rows_per_program = min(64, max(1, TILE // block_d))
     wrap_triton(embedding_grad_rows_kernel)[(triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d))](
         grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds, chunk_sums,
-        num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
+        num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor, *dropout,
         SCALE_BY_FREQ=scale_grad_by_freq, ROWS=rows_per_program, BLOCK_D=block_d, num_warps=4, **common,
     )
     return grad_table
 
 
+@_define_op("tokemb_fast::dropout_masked_grad", mutates_args=())
+def dropout_masked_grad(
+    grad_out: torch.Tensor,
+    dropout_p: float,
+    dropout_seed: torch.Tensor,
+    dropout_scale: torch.Tensor,
+) -> torch.Tensor:
+    """grad_out [B, T, D] (any strides) times the forward's regenerated dropout mask and scale,
+    contiguous. Only the sparse-gradient path needs it materialised."""
+    batch, seq_len, dim = grad_out.shape
+    out = torch.empty((batch, seq_len, dim), dtype=grad_out.dtype, device=grad_out.device)
+    n_rows = batch * seq_len
+    if n_rows == 0 or dim == 0:
+        return out
+    block_d = _block_d(dim, 1024)
+    block_n = max(1, TILE // block_d)
+    wrap_triton(apply_dropout_mask_kernel)[(triton.cdiv(n_rows, block_n), triton.cdiv(dim, block_d))](
+        out, grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), n_rows, seq_len, dim,
+        dropout_seed, dropout_scale, dropout_p, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
 if INTERPRETED:
     # Output shapes for tracing (FakeTensors); see _define_op above.
     @input_embedding_forward.register_fake
-    def _(input_ids, token_weight, position_weight, position_ids, past_length):
+    def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale):
         return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
 
     @embedding_dense_grad.register_fake
-    def _(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor):
+    def _(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor, dropout_p,
+          dropout_seed, dropout_scale):
         return grad_out.new_empty((num_rows, grad_out.shape[2]))
+
+    @dropout_masked_grad.register_fake
+    def _(grad_out, dropout_p, dropout_seed, dropout_scale):
+        return grad_out.new_empty(grad_out.shape)

@@ -114,6 +114,15 @@ def check_table_options(table: str, num_rows: int, padding_idx, max_norm, norm_t
     return padding_idx
 
 
+def check_dropout(dropout_p) -> float:
+    """Dropout probability as a float in [0, 1]."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a number in [0, 1], got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    return float(dropout_p)
+
+
 def _check_id_ranges(input_ids, vocab_size, position_ids, num_positions) -> None:
     # One reduction per tensor and a single device->host copy for all of them.
     parts = []
