@@ -201,7 +201,8 @@ def test_sparse_token_gradient_with_dropout(backend, monkeypatch):
     mask = recover_mask(backend, ids, module.tok_emb.weight.detach(), module.pos_emb.weight.detach(), 0.5, 5)
     expected = torch.zeros(50, 8, dtype=torch.float64, device=DEVICE)
     expected.index_add_(0, ids.flatten(), (grad_out.double() * mask * 2).reshape(-1, 8))
-    torch.testing.assert_close(module.tok_emb.weight.grad.to_dense().double(), expected)
+    torch.testing.assert_close(module.tok_emb.weight.grad.to_dense().double(), expected,
+                               **TOLERANCES[torch.float32])
 
 
 def test_from_embeddings_folds_the_models_own_dropout_and_follows_train_eval():
