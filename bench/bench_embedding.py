@@ -18,17 +18,18 @@ _COMPILED = {}
 
 
 def _forward(impl, shape_name, dtype_name):
-    if impl == "compile":
-        key = (shape_name, dtype_name)
+    if impl.startswith("compile"):
+        key = (impl, shape_name, dtype_name)
         if key not in _COMPILED:
             torch._dynamo.reset()
             _COMPILED.clear()
-            _COMPILED[key] = torch.compile(bench._eager, fullgraph=True, dynamic=False)
+            eager = bench._eager_dropout if impl.endswith("+dropout") else bench._eager
+            _COMPILED[key] = torch.compile(eager, fullgraph=True, dynamic=False)
         return _COMPILED[key]
     return bench.implementations()[impl]
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"] + list(bench.DROPOUT_IMPLS))
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape_name", list(bench.SHAPES))

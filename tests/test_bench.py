@@ -48,7 +48,8 @@ def test_inputs_are_random_and_in_range(ids):
 def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     rows = bench.run_cuda([TINY, TINY_DECODE], ["fp32", "bf16"], list(bench.MODES),
-                          ["fused", "fused-checked", "eager", "floor"], ["uniform", "equal"],
+                          ["fused", "fused-checked", "eager", "floor", "fused+dropout", "eager+dropout"],
+                          ["uniform", "equal"],
                           progress=lambda line: None, device=TRITON_DEVICE, timer=host_timer)
     impls = {(r.shape, r.dtype, r.mode, r.impl, r.ids) for r in rows}
     assert ("tiny", "bf16", "fwd+bwd", "fused", "equal") in impls
@@ -59,6 +60,12 @@ def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
         assert row.x_floor == pytest.approx(row.ms / row.floor_ms)
     table = bench.format_table(rows)
     assert "#### tiny" in table and "| fwd+bwd | fused | equal |" in table
+    assert "| fwd+bwd | fused+dropout | uniform |" in table
+    # Dropout rows are compared with eager dropout, not with the plain sum.
+    pick = {(r.impl, r.mode, r.ids): r for r in rows if (r.shape, r.dtype) == ("tiny", "fp32")}
+    fused_drop, eager_drop = pick[("fused+dropout", "fwd", "uniform")], pick[("eager+dropout", "fwd", "uniform")]
+    line = next(l for l in table.split("#### tiny, fp32")[1].splitlines() if l.startswith("| fwd | fused+dropout |"))
+    assert f"| {eager_drop.ms / fused_drop.ms:.2f}x |" in line
     bench.save_json(rows, str(tmp_path / "r.json"), bench.environment())
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__ and len(saved["rows"]) == len(rows)

@@ -49,6 +49,10 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("fused", "fused-checked", "eager", "compile", "floor")
+#: GPT-2's embedding dropout after the sum: fused (mask regenerated in the backward) against
+#: eager ``F.dropout(tok + pos)`` (which stores a B*T*D mask) and its torch.compile.
+DROPOUT_IMPLS = ("fused+dropout", "eager+dropout", "compile+dropout")
+DROPOUT_P = 0.1
 ID_DISTRIBUTIONS = ("uniform", "zipf", "equal")
 
 
@@ -129,7 +133,12 @@ def _eager(input_ids, token_weight, position_weight, position_ids):
     return F.embedding(input_ids, token_weight) + F.embedding(position_ids, position_weight)
 
 
-def implementations(compiled: Optional[Callable] = None) -> Dict[str, Callable]:
+def _eager_dropout(input_ids, token_weight, position_weight, position_ids):
+    return F.dropout(_eager(input_ids, token_weight, position_weight, position_ids), DROPOUT_P, training=True)
+
+
+def implementations(compiled: Optional[Callable] = None,
+                    compiled_dropout: Optional[Callable] = None) -> Dict[str, Callable]:
     """Forward callables (input_ids, token_weight, position_weight, position_ids) -> output."""
     def fused(ids, tok, pos, pids):
         return fused_input_embedding(ids, tok, pos, position_ids=pids, check_ids=False, backend="triton")
@@ -137,9 +146,16 @@ def implementations(compiled: Optional[Callable] = None) -> Dict[str, Callable]:
     def fused_checked(ids, tok, pos, pids):
         return fused_input_embedding(ids, tok, pos, position_ids=pids, check_ids=True, backend="triton")
 
-    impls = {"fused": fused, "fused-checked": fused_checked, "eager": _eager}
+    def fused_dropout(ids, tok, pos, pids):
+        return fused_input_embedding(ids, tok, pos, position_ids=pids, dropout_p=DROPOUT_P, check_ids=False,
+                                     backend="triton")
+
+    impls = {"fused": fused, "fused-checked": fused_checked, "eager": _eager,
+             "fused+dropout": fused_dropout, "eager+dropout": _eager_dropout}
     if compiled is not None:
         impls["compile"] = compiled
+    if compiled_dropout is not None:
+        impls["compile+dropout"] = compiled_dropout
     return impls
 
 
@@ -201,7 +217,9 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
             # A fresh compile cache per shape and dtype: no recompile limit, no stale graphs.
             torch._dynamo.reset()
             compiled = torch.compile(_eager, fullgraph=True, dynamic=False) if "compile" in impls else None
-            forwards = implementations(compiled)
+            compiled_dropout = torch.compile(_eager_dropout, fullgraph=True, dynamic=False) \
+                if "compile+dropout" in impls else None
+            forwards = implementations(compiled, compiled_dropout)
             for mode in modes:
                 floor_ms = timer(_floor_step(shape, dtype, device, mode))
                 moved = bytes_moved(shape, torch.tensor([], dtype=dtype).element_size(), mode)
@@ -210,7 +228,8 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                 for id_kind in ids:
                     inputs = make_inputs(shape, dtype, device, id_kind)
                     for impl in impls:
-                        if impl == "floor" or (id_kind != "uniform" and impl not in ("fused", "eager")):
+                        if impl == "floor" or (id_kind != "uniform" and impl not in ("fused", "eager",
+                                                                                      "fused+dropout")):
                             continue
                         step = _step(forwards[impl], inputs, mode)
                         started = time.perf_counter()
@@ -278,7 +297,9 @@ def format_table(rows: List[Row]) -> str:
                     if other.mode == row.mode and other.impl == impl and other.ids == row.ids:
                         return other.ms
                 return None
-            eager, compiled = baseline("eager"), baseline("compile")
+            # Dropout rows are compared with eager / compile *with* dropout.
+            suffix = "+dropout" if row.impl.endswith("+dropout") else ""
+            eager, compiled = baseline("eager" + suffix), baseline("compile" + suffix)
             vs_eager = f"{eager / row.ms:.2f}x" if eager else "-"
             vs_compile = f"{compiled / row.ms:.2f}x" if compiled else "-"
             x_floor = "-" if row.floor_ms != row.floor_ms else f"{row.x_floor:.2f}"
@@ -308,7 +329,7 @@ def save_plot(rows: List[Row], path: str, env: dict) -> None:
     for ax, (mode, dtype) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r.mode == mode and r.dtype == dtype and r.ids in ("uniform", "-")]
         shapes = list(dict.fromkeys(r.shape for r in sel))
-        impls = [i for i in IMPLS + ("torch-cpu",) if any(r.impl == i for r in sel)]
+        impls = [i for i in IMPLS + DROPOUT_IMPLS + ("torch-cpu",) if any(r.impl == i for r in sel)]
         width = 0.8 / max(len(impls), 1)
         for k, impl in enumerate(impls):
             values = [next((r.gbps for r in sel if r.shape == s and r.impl == impl), 0.0) for s in shapes]
