@@ -47,19 +47,20 @@ def _sorted_entry(j, keys_ptr, order_ptr, mask, batch, seq_len, past_length,
 
 
 @triton.jit
-def _load_grad(grad_out_ptr, b, step, cols, mask, stride_grad_b, stride_grad_t, stride_grad_d, seq_len, dim,
-               dropout_seed_ptr, dropout_scale_ptr, dropout_p, HAS_DROPOUT: tl.constexpr):
-    """grad_out[b, step, cols] as a [len(b), len(cols)] fp32 tile, times the forward's dropout mask
-    and scale (regenerated from the seed) when the forward had dropout."""
+def _load_grad(grad_out_ptr, b, step, col_start, mask, stride_grad_b, stride_grad_t, stride_grad_d, seq_len, dim,
+               dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+               BLOCK_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGNED4: tl.constexpr):
+    """grad_out[b, step, col_start:col_start + BLOCK_D] as a [len(b), BLOCK_D] tile, times the
+    forward's dropout mask and scale (regenerated from the seed) when the forward had dropout."""
+    cols = col_start + tl.arange(0, BLOCK_D)
     src = grad_out_ptr + (b * stride_grad_b + step * stride_grad_t)[:, None] + cols[None, :] * stride_grad_d
     grad = tl.load(src, mask=mask, other=0.0)
     if HAS_DROPOUT:
-        element = (b * seq_len + step)[:, None] * dim + cols[None, :]
-        keep = dropout_keep(dropout_seed_ptr, element, dropout_p)
-        if grad.dtype == tl.float64:
-            grad = tl.where(keep, grad * tl.load(dropout_scale_ptr), 0.0)
-        else:
-            grad = tl.where(keep, grad.to(tl.float32) * tl.load(dropout_scale_ptr).to(tl.float32), 0.0)
+        keep = dropout_keep(dropout_seed_ptr, b * seq_len + step, col_start, dim, dropout_threshold, BLOCK_D,
+                            ALIGNED4)
+        if grad.dtype != tl.float64:
+            grad = grad.to(tl.float32)
+        grad = tl.where(keep, grad * tl.load(dropout_scale_ptr).to(grad.dtype), 0.0)
     return grad
 
 
@@ -106,15 +107,17 @@ def segment_chunk_sums_kernel(
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
     keys_ptr, order_ptr,
     n_entries, dim, batch, seq_len, past_length,
-    dropout_seed_ptr, dropout_scale_ptr, dropout_p,
+    dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ALIGNED4: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_D
+    cols = col_start + tl.arange(0, BLOCK_D)
     col_ok = cols < dim
     first = chunk * CHUNK
     key_first, _b0, _t0 = _sorted_entry(first, keys_ptr, order_ptr, True, batch, seq_len, past_length,
@@ -127,9 +130,9 @@ def segment_chunk_sums_kernel(
         entries = first + tl.arange(0, CHUNK)
         _key, b, step = _sorted_entry(entries, keys_ptr, order_ptr, entries < n_entries, batch, seq_len,
                                       past_length, IMPLICIT_POSITIONS)
-        tile = _load_grad(grad_out_ptr, b, step, cols, (entries < n_entries)[:, None] & col_ok[None, :],
+        tile = _load_grad(grad_out_ptr, b, step, col_start, (entries < n_entries)[:, None] & col_ok[None, :],
                           stride_grad_b, stride_grad_t, stride_grad_d, seq_len, dim,
-                          dropout_seed_ptr, dropout_scale_ptr, dropout_p, HAS_DROPOUT)
+                          dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, BLOCK_D, HAS_DROPOUT, ALIGNED4)
         if ACC_FP64:
             total = tl.sum(tile.to(tl.float64), axis=0)
         else:
@@ -145,17 +148,19 @@ def embedding_grad_rows_kernel(
     num_rows, dim, batch, seq_len, past_length,
     padding_idx,                 # this row's gradient is zero (nn.Embedding's padding_idx); -1: none
     count_divisor,               # SCALE_BY_FREQ: entries per occurrence (B when positions are shared)
-    dropout_seed_ptr, dropout_scale_ptr, dropout_p,
+    dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
     SCALE_BY_FREQ: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ALIGNED4: tl.constexpr,
     CHUNK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_D
+    cols = col_start + tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
     col_ok = cols < dim
 
@@ -186,9 +191,9 @@ def embedding_grad_rows_kernel(
         live = entry < head_end
         _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
                                       IMPLICIT_POSITIONS)
-        acc += _load_grad(grad_out_ptr, b, step, cols, live[:, None] & col_ok[None, :], stride_grad_b, stride_grad_t,
-                          stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_p,
-                          HAS_DROPOUT).to(acc.dtype)
+        acc += _load_grad(grad_out_ptr, b, step, col_start, live[:, None] & col_ok[None, :], stride_grad_b,
+                          stride_grad_t, stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr,
+                          dropout_threshold, BLOCK_D, HAS_DROPOUT, ALIGNED4).to(acc.dtype)
 
     for c in range(0, tl.max(n_chunks, axis=0)):
         live = c < n_chunks
@@ -200,9 +205,9 @@ def embedding_grad_rows_kernel(
         live = entry < end
         _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
                                       IMPLICIT_POSITIONS)
-        acc += _load_grad(grad_out_ptr, b, step, cols, live[:, None] & col_ok[None, :], stride_grad_b, stride_grad_t,
-                          stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_p,
-                          HAS_DROPOUT).to(acc.dtype)
+        acc += _load_grad(grad_out_ptr, b, step, col_start, live[:, None] & col_ok[None, :], stride_grad_b,
+                          stride_grad_t, stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr,
+                          dropout_threshold, BLOCK_D, HAS_DROPOUT, ALIGNED4).to(acc.dtype)
 
     if SCALE_BY_FREQ:
         acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]

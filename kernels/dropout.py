@@ -1,21 +1,38 @@
 """Dropout masks regenerated from a seed instead of stored.
 
-Element i of the [B*T, D] output (i = (b*T + t)*D + d) is kept when the Philox uniform drawn
-for counter i under the call's seed is >= p, and then multiplied by 1/(1-p). The scale comes
-from a 1-element fp64 tensor, not a kernel argument: Triton passes Python floats as fp32, which
-would make fp64 tables' dropout inexact. Forward and backward kernels call the same
-function on the same (seed, i), so they agree bit for bit and no B*T*D mask ever exists.
+Element i of the [B*T, D] output (i = (b*T + t)*D + d) gets 32 random bits: word i % 4 of
+Philox4x32-10 at counter i // 4 under the call's seed. It is kept when those bits are >=
+floor(p * 2^32) (probability 1 - p), then multiplied by 1/(1-p). Forward and backward kernels
+evaluate the same function of (seed, i), so they agree bit for bit and no B*T*D mask exists.
+
+One Philox evaluation yields four words. When D is a multiple of 4, four adjacent columns share
+one evaluation (ALIGNED4): a quarter of the integer work, which matters because this op is
+memory-bound and a Philox per element would cost about as much as moving the element.
+
+The seed is a 1-element int64 device tensor and the scale a 1-element fp64 one: drawing the seed
+on the device needs no host sync (and a CUDA graph replays fresh seeds), and Triton would pass a
+Python float scale as fp32, making fp64 tables' dropout inexact.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def dropout_keep(seed_ptr, element_index, p):
-    # The seed is a 1-element int64 device tensor (drawn by torch.randint from the default
-    # generator), so choosing it needs no host sync and a CUDA graph replays fresh masks.
+def dropout_keep(seed_ptr, rows, col_start, dim, threshold, BLOCK_D: tl.constexpr, ALIGNED4: tl.constexpr):
+    """Keep-mask of the [len(rows), BLOCK_D] tile of elements (rows, col_start + arange(BLOCK_D)),
+    rows being flat (b*T + t) indices. ALIGNED4 needs dim and col_start divisible by 4."""
     seed = tl.load(seed_ptr)
-    return tl.rand(seed, element_index) >= p
+    if ALIGNED4:
+        groups = rows[:, None] * (dim // 4) + (col_start // 4 + tl.arange(0, BLOCK_D // 4))[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, groups)
+        # Interleave so that column c takes word c % 4 of its group (join stacks on a new last axis).
+        bits = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [rows.shape[0], BLOCK_D])
+    else:
+        element = rows[:, None] * dim + (col_start + tl.arange(0, BLOCK_D))[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, element // 4)
+        lane = element % 4
+        bits = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    return bits.to(tl.int64) >= threshold
 
 
 @triton.jit
@@ -23,14 +40,16 @@ def apply_dropout_mask_kernel(
     out_ptr,                     # [B*T, D], contiguous: grad * keep * scale
     grad_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
     n_rows, seq_len, dim,
-    dropout_seed_ptr, dropout_scale_ptr, dropout_p,
+    dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGNED4: tl.constexpr,
 ):
     """The masked upstream gradient, for the sparse gradient path (whose values are B*T*D rows
     anyway); the dense path applies the mask inside the reduction kernels instead."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_D
+    cols = col_start + tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < dim)[None, :]
     batch = rows // seq_len
     step = rows - batch * seq_len
@@ -38,7 +57,6 @@ def apply_dropout_mask_kernel(
     grad = tl.load(src, mask=mask, other=0.0)
     if grad.dtype != tl.float64:
         grad = grad.to(tl.float32)
-    offsets = rows[:, None] * dim + cols[None, :]
-    scale = tl.load(dropout_scale_ptr).to(grad.dtype)
-    grad = tl.where(dropout_keep(dropout_seed_ptr, offsets, dropout_p), grad * scale, 0.0)
-    tl.store(out_ptr + offsets, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    keep = dropout_keep(dropout_seed_ptr, rows, col_start, dim, dropout_threshold, BLOCK_D, ALIGNED4)
+    grad = tl.where(keep, grad * tl.load(dropout_scale_ptr).to(grad.dtype), 0.0)
+    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)

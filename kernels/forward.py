@@ -18,9 +18,10 @@ def input_embedding_fwd_kernel(
     token_weight_ptr, stride_token_row,
     position_weight_ptr, stride_position_row,
     n_rows, seq_len, dim, vocab_size, num_positions, past_length,
-    dropout_seed_ptr, dropout_scale_ptr, dropout_p,   # unused unless HAS_DROPOUT
+    dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,   # unused unless HAS_DROPOUT
     HAS_POSITION_IDS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ALIGNED4: tl.constexpr,      # D % 4 == 0: one Philox evaluation per 4 columns (see dropout.py)
     ACC_FP64: tl.constexpr,
     BLOCK_D: tl.constexpr,
     TILE: tl.constexpr,          # output elements per program; BLOCK_N = TILE // BLOCK_D rows
@@ -30,7 +31,8 @@ def input_embedding_fwd_kernel(
     pid_d = tl.program_id(1)
     # int64 from the start: B*T*D and V*D may exceed 2^31 elements.
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_start = pid_d.to(tl.int64) * BLOCK_D
+    cols = col_start + tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     col_ok = cols < dim
 
@@ -67,6 +69,6 @@ def input_embedding_fwd_kernel(
     if HAS_DROPOUT:
         # Scaled in the accumulator dtype and rounded once; the mask is never stored: the
         # backward regenerates it from the same (seed, element index).
-        keep = dropout_keep(dropout_seed_ptr, out_offsets, dropout_p)
+        keep = dropout_keep(dropout_seed_ptr, rows, col_start, dim, dropout_threshold, BLOCK_D, ALIGNED4)
         acc = tl.where(keep, acc * tl.load(dropout_scale_ptr).to(acc.dtype), 0.0)
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -69,10 +69,16 @@ else:
 
 
 def _dropout_args(dropout_p, dropout_seed, dropout_scale, placeholder):
-    # Without dropout the kernels never read these; any pointer will do.
+    """(seed, scale, threshold) kernel arguments: an element is kept when its 32 random bits are
+    >= floor(p * 2^32). Without dropout the kernels never read them; any pointer will do."""
     if dropout_seed is None:
-        return placeholder, placeholder, 0.0
-    return dropout_seed, dropout_scale, dropout_p
+        return placeholder, placeholder, 0
+    return dropout_seed, dropout_scale, int(dropout_p * 2**32)
+
+
+def _aligned4(dim: int, block_d: int) -> bool:
+    # Four adjacent columns share one Philox evaluation when groups of 4 never straddle rows or blocks.
+    return dim % 4 == 0 and block_d % 4 == 0
 
 
 def _batch_stride(tensor: torch.Tensor) -> int:
@@ -120,6 +126,7 @@ def input_embedding_forward(
         *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
         HAS_POSITION_IDS=has_position_ids,
         HAS_DROPOUT=dropout_seed is not None,
+        ALIGNED4=_aligned4(dim, block_d),
         ACC_FP64=token_weight.dtype == torch.float64,
         BLOCK_D=block_d,
         **_FORWARD_FIXED,
@@ -178,14 +185,15 @@ def embedding_dense_grad(
         wrap_triton(segment_chunk_sums_kernel)[(n_chunks, triton.cdiv(dim, chunk_block_d))](
             chunk_sums, grad_out, *strides, sorted_keys, order,
             n_entries, dim, batch, seq_len, past_length, *dropout,
-            BLOCK_D=chunk_block_d, num_warps=4, **common,
+            BLOCK_D=chunk_block_d, ALIGNED4=_aligned4(dim, chunk_block_d), num_warps=4, **common,
         )
     block_d = _block_d(dim, 256)
     rows_per_program = min(64, max(1, TILE // block_d))
     wrap_triton(embedding_grad_rows_kernel)[(triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d))](
         grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds, chunk_sums,
         num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor, *dropout,
-        SCALE_BY_FREQ=scale_grad_by_freq, ROWS=rows_per_program, BLOCK_D=block_d, num_warps=4, **common,
+        SCALE_BY_FREQ=scale_grad_by_freq, ROWS=rows_per_program, BLOCK_D=block_d,
+        ALIGNED4=_aligned4(dim, block_d), num_warps=4, **common,
     )
     return grad_table
 
@@ -208,7 +216,8 @@ def dropout_masked_grad(
     block_n = max(1, TILE // block_d)
     wrap_triton(apply_dropout_mask_kernel)[(triton.cdiv(n_rows, block_n), triton.cdiv(dim, block_d))](
         out, grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), n_rows, seq_len, dim,
-        dropout_seed, dropout_scale, dropout_p, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        *_dropout_args(dropout_p, dropout_seed, dropout_scale, grad_out), BLOCK_N=block_n, BLOCK_D=block_d,
+        ALIGNED4=_aligned4(dim, block_d), num_warps=4)
     return out
 
 
