@@ -17,9 +17,10 @@ setup(
         "torch>=2.6,<3",
         "triton>=3.2",
         "tiktoken>=0.7",
+        "numpy",  # torch warns at import without it; Triton's CPU interpreter needs it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "matplotlib>=3.7"],  # numpy: Triton's CPU interpreter
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["tokemb-fast=tokemb_fast.cli:main"]},
