@@ -4,6 +4,7 @@ PyTorch on the CPU."""
 from .functional import FusedInputEmbeddingFunction, fused_input_embedding
 from .module import FusedInputEmbedding, SinusoidalPositionEmbedding, sinusoidal_table
 from .reference import input_embedding_reference
+from .swap import swap_input_embeddings
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,6 @@ __all__ = [
     "fused_input_embedding",
     "input_embedding_reference",
     "sinusoidal_table",
+    "swap_input_embeddings",
     "__version__",
 ]

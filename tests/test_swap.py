@@ -1,0 +1,161 @@
+"""swap_input_embeddings on the model families it knows, on both paths."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from gpt_models import GPTModel, GPTModelKV, NanoGPT, generate_with_cache
+from tokemb_fast import swap_input_embeddings, triton_ops
+
+BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
+FAMILIES = {"llms-from-scratch": GPTModel, "llms-from-scratch-kv": GPTModelKV, "nanogpt": NanoGPT}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
+    return request.param
+
+
+def logits_of(model, ids, targets=None):
+    out = model(ids, targets) if isinstance(model, NanoGPT) else model(ids)
+    return out if isinstance(out, torch.Tensor) else out
+
+
+def pair(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().to(DEVICE)
+    return model, swap_input_embeddings(copy.deepcopy(model))
+
+
+def loss_of(model, ids, targets):
+    if isinstance(model, NanoGPT):
+        return model(ids, targets)[1]
+    logits = model(ids)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_and_every_gradient_match(backend, family, monkeypatch):
+    launches = []
+    forward_op = triton_ops.input_embedding_forward
+    monkeypatch.setattr(triton_ops, "input_embedding_forward", lambda *a: launches.append(1) or forward_op(*a))
+    original, swapped = pair(family)
+    original.eval()
+    swapped.eval()  # dropout off: the two paths draw different masks
+    ids = torch.randint(0, 61, (3, 16), device=DEVICE)
+    targets = torch.randint(0, 61, (3, 16), device=DEVICE)
+    loss_original, loss_swapped = loss_of(original, ids, targets), loss_of(swapped, ids, targets)
+    torch.testing.assert_close(loss_swapped, loss_original, rtol=1e-5, atol=1e-6)
+    loss_original.backward()
+    loss_swapped.backward()
+    named = dict(swapped.named_parameters())
+    for name, parameter in original.named_parameters():
+        torch.testing.assert_close(named[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert len(launches) == (3 if backend == "triton" else 0)  # verify probe x2, then the real call
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_state_dict_and_checkpoints_are_unchanged(family):
+    original, swapped = pair(family)
+    assert list(swapped.state_dict()) == list(original.state_dict())
+    for key, value in original.state_dict().items():
+        assert torch.equal(swapped.state_dict()[key], value)
+    # A checkpoint saved before the swap loads after it, and the other way round.
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = swap_input_embeddings(FAMILIES[family]().to(DEVICE))
+    fresh.load_state_dict(torch.load(buffer))
+    buffer = io.BytesIO()
+    torch.save(fresh.state_dict(), buffer)
+    buffer.seek(0)
+    plain = FAMILIES[family]().to(DEVICE)
+    plain.load_state_dict(torch.load(buffer))
+    ids = torch.randint(0, 61, (2, 8), device=DEVICE)
+    for model in (original, fresh, plain):
+        model.eval()
+    torch.testing.assert_close(logits_of(fresh, ids), logits_of(original, ids))
+    torch.testing.assert_close(logits_of(plain, ids), logits_of(original, ids))
+
+
+def test_replaced_token_weight_and_tying_are_honoured(backend):
+    model = swap_input_embeddings(NanoGPT().to(DEVICE)).eval()
+    assert model.transformer.wte.weight is model.lm_head.weight  # still tied
+    new_weight = nn.Parameter(torch.randn(61, 32, device=DEVICE))
+    model.transformer.wte.weight = new_weight  # what GPT-2 weight loaders do
+    reference = copy.deepcopy(model)
+    reference.__dict__.pop("forward")  # the plain nanoGPT forward, on the same weights
+    ids = torch.randint(0, 61, (2, 8), device=DEVICE)
+    torch.testing.assert_close(model(ids)[0], NanoGPT.forward(reference, ids)[0])
+    out = model(ids, ids)[1]
+    out.backward()
+    assert new_weight.grad is not None
+
+
+def test_generation_and_kv_cache_decoding_give_the_same_tokens(backend):
+    original, swapped = pair("nanogpt")
+    prompt = torch.randint(0, 61, (2, 3), device=DEVICE)
+    assert torch.equal(swapped.eval().generate(prompt, 6), original.eval().generate(prompt, 6))
+    original, swapped = pair("llms-from-scratch-kv")
+    original.eval()
+    swapped.eval()
+    with torch.no_grad():
+        tokens_original = generate_with_cache(original, prompt, 8)
+        tokens_swapped = generate_with_cache(swapped, prompt, 8)
+    assert torch.equal(tokens_swapped, tokens_original)
+    assert swapped.current_pos == original.current_pos == 3 + 8
+
+
+def test_dropout_is_folded_in_and_follows_train_eval(backend):
+    original, swapped = pair("llms-from-scratch")
+    fused = swapped.__dict__["_tokemb_fast_fused"]
+    assert fused.drop is swapped.drop_emb and fused.tok_emb is swapped.tok_emb
+    ids = torch.randint(0, 61, (2, 16), device=DEVICE)
+    swapped.eval()
+    eval_logits = swapped(ids)
+    swapped.train()
+    assert not torch.equal(swapped(ids), eval_logits)  # dropout active in training
+    swapped.drop_emb.p = 0.0
+    for block in swapped.trf_blocks:
+        block.drop.p = 0.0
+        block.att.dropout = 0.0
+    torch.testing.assert_close(swapped(ids), eval_logits)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_idempotent_and_picklable(family):
+    _, swapped = pair(family)
+    forward = swapped.forward
+    assert swap_input_embeddings(swapped) is swapped and swapped.forward is forward
+    assert "_tokemb_fast_fused" not in dict(swapped.named_modules())
+    ids = torch.randint(0, 61, (2, 8), device=DEVICE)
+    swapped.eval()
+    for clone in (copy.deepcopy(swapped), pickle.loads(pickle.dumps(swapped))):
+        clone.eval()
+        assert clone.__dict__["_tokemb_fast_fused"].tok_emb is (
+            clone.transformer.wte if family == "nanogpt" else clone.tok_emb)
+        torch.testing.assert_close(logits_of(clone, ids), logits_of(swapped, ids))
+
+
+def test_unknown_model_gets_an_error_naming_what_was_looked_for():
+    with pytest.raises(TypeError, match=r"does not recognise Sequential; it looks for one of: LLMs-from-scratch "
+                                        r"GPTModel: tok_emb, pos_emb, drop_emb"):
+        swap_input_embeddings(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_a_lookalike_with_another_forward_is_left_untouched():
+    class ScaledGPT(GPTModel):
+        def forward(self, in_idx):  # same attributes, different maths
+            x = self.tok_emb(in_idx) * 2 + self.pos_emb(torch.arange(in_idx.shape[1], device=in_idx.device))
+            return self.out_head(self.final_norm(self.trf_blocks(self.drop_emb(x))))
+
+    model = ScaledGPT().to(DEVICE)
+    with pytest.raises(RuntimeError, match="looks like a LLMs-from-scratch GPTModel but its logits changed"):
+        swap_input_embeddings(model)
+    assert "forward" not in model.__dict__ and "_tokemb_fast_fused" not in model.__dict__
+    assert model(torch.zeros(1, 3, dtype=torch.long, device=DEVICE)).shape == (1, 3, 61)
