@@ -56,7 +56,7 @@ def test_logits_and_every_gradient_match(backend, family, monkeypatch):
     named = dict(swapped.named_parameters())
     for name, parameter in original.named_parameters():
         torch.testing.assert_close(named[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert len(launches) == (3 if backend == "triton" else 0)  # verify probe x2, then the real call
+    assert len(launches) == (2 if backend == "triton" else 0)  # the probe after the swap, then the real call
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
