@@ -22,6 +22,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        "hf": ["transformers>=4.45"],
     },
     entry_points={"console_scripts": ["tokemb-fast=tokemb_fast.cli:main"]},
 )

@@ -10,7 +10,7 @@ keys). A probe forward before and after the swap must give the same logits, or t
 and an error raised: a model that merely looks like a family is never silently changed.
 """
 import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,43 +67,122 @@ def _nanogpt_forward(self, idx, targets=None):
     return logits, loss
 
 
-# --- family recognition -----------------------------------------------------------------------
+# --- Hugging Face GPT2Model / GPT2LMHeadModel -----------------------------------------------------
+#
+# GPT2Model.forward (transformers 4.45 to 5.x) does, in this order: inputs_embeds = wte(input_ids);
+# position_ids from the argument or the cache length; wpe(position_ids); inputs_embeds + that;
+# + wte(token_type_ids) if given; drop. Its forward is long and changes between versions, so it
+# is not replaced. Instead wte and wpe become nn.Embedding subclasses sharing the same Parameters
+# (same state_dict keys, lm_head tying intact), armed by a pre-hook when input_ids are given:
+# wte(input_ids) stashes the ids and returns a zero placeholder that costs nothing (stride 0, right
+# shape, dtype and device, which is all the mask code reads); wpe(position_ids) returns the fused
+# sum. HF's own "+" with the placeholder remains: one elementwise pass over B*T*D.
 
-def _is_embedding(module) -> bool:
-    return isinstance(module, nn.Embedding)
+class _DeferredTokenEmbedding(nn.Embedding):
+    def forward(self, input):
+        state = self.__dict__.get("_tokemb_fast_state")
+        if state is not None and state["expect"] == "input_ids":
+            state["expect"], state["input_ids"] = "position_ids", input
+            return self.weight.new_zeros(()).expand(*input.shape, self.embedding_dim)
+        return super().forward(input)  # token_type_ids, or a call from outside GPT2Model.forward
 
 
-def _recognise(model):
-    """(family name, tok_emb, pos_emb, dropout, forward) or None."""
-    names = ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "out_head")
-    if all(hasattr(model, n) for n in names) and _is_embedding(model.tok_emb) and _is_embedding(model.pos_emb):
-        if hasattr(model, "current_pos"):
-            return ("LLMs-from-scratch GPTModel (KV cache)", model.tok_emb, model.pos_emb, model.drop_emb,
-                    _llms_from_scratch_kv_forward)
-        return ("LLMs-from-scratch GPTModel", model.tok_emb, model.pos_emb, model.drop_emb,
-                _llms_from_scratch_forward)
-    transformer = getattr(model, "transformer", None)
-    if transformer is not None and hasattr(model, "lm_head") and \
-            all(hasattr(transformer, n) for n in ("wte", "wpe", "drop", "h", "ln_f")) and \
-            _is_embedding(transformer.wte) and _is_embedding(transformer.wpe) and \
-            not _is_hugging_face(model):
-        return ("nanoGPT GPT", transformer.wte, transformer.wpe, transformer.drop, _nanogpt_forward)
-    return None
+class _FusedPositionEmbedding(nn.Embedding):
+    def forward(self, input):
+        state = self.__dict__.get("_tokemb_fast_state")
+        if state is not None and state["expect"] == "position_ids":
+            state["expect"] = None
+            # position_ids arrive as [1, T] or [B, T]: both mean what they mean to nn.Embedding.
+            return state["fused"](state.pop("input_ids"), position_ids=input)
+        return super().forward(input)
+
+
+def _arm_fused_lookup(transformer, args, kwargs):
+    state = transformer.wte.__dict__.get("_tokemb_fast_state")
+    if state is not None:  # absent if wte was replaced since (resize_token_embeddings)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state["expect"] = "input_ids" if input_ids is not None else None
+        state.pop("input_ids", None)
+
+
+def _install_hugging_face(model, check_ids):
+    transformer = model.transformer if hasattr(model, "transformer") else model
+    wte, wpe = transformer.wte, transformer.wpe
+    old_classes = (type(wte), type(wpe))
+    wte.__class__, wpe.__class__ = _DeferredTokenEmbedding, _FusedPositionEmbedding  # same objects and Parameters
+    # Dropout is not folded: token_type embeddings are added between the sum and transformer.drop.
+    state = {"expect": None, "fused": FusedInputEmbedding.from_embeddings(wte, wpe, check_ids=check_ids)}
+    wte.__dict__["_tokemb_fast_state"] = wpe.__dict__["_tokemb_fast_state"] = state
+    handle = transformer.register_forward_pre_hook(_arm_fused_lookup, with_kwargs=True)
+
+    def undo():
+        handle.remove()
+        wte.__class__, wpe.__class__ = old_classes
+        del wte.__dict__["_tokemb_fast_state"], wpe.__dict__["_tokemb_fast_state"]
+    return undo
 
 
 def _is_hugging_face(model) -> bool:
     return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
 
 
+def _hugging_face_gpt2(model) -> bool:
+    transformer = model.transformer if hasattr(model, "transformer") else model
+    return _is_hugging_face(model) and type(getattr(transformer, "wte", None)) is nn.Embedding and \
+        type(getattr(transformer, "wpe", None)) is nn.Embedding and hasattr(transformer, "drop")
+
+
+# --- LLMs-from-scratch and nanoGPT: the family's forward with the fused embedding ------------------
+
+def _forward_installer(forward, tok_emb, pos_emb, dropout):
+    def install(model, check_ids):
+        drop = dropout if isinstance(dropout, nn.Dropout) else 0.0
+        model.__dict__["_tokemb_fast_fused"] = FusedInputEmbedding.from_embeddings(
+            tok_emb, pos_emb, dropout=drop, check_ids=check_ids)
+        previous = model.__dict__.get("forward")
+        # A partial of a module-level function (not a bound method), so that pickling the whole
+        # model (torch.save(model)) and copy.deepcopy keep working.
+        model.forward = functools.partial(forward, model)
+
+        def undo():
+            del model.__dict__["_tokemb_fast_fused"], model.__dict__["forward"]
+            if previous is not None:
+                model.forward = previous
+        return undo
+    return install
+
+
+def _recognise(model):
+    """(family name, installer) or None."""
+    if _hugging_face_gpt2(model):
+        return "Hugging Face GPT2", _install_hugging_face
+    names = ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "out_head")
+    if all(hasattr(model, n) for n in names) and isinstance(model.tok_emb, nn.Embedding) and \
+            isinstance(model.pos_emb, nn.Embedding):
+        if hasattr(model, "current_pos"):
+            return ("LLMs-from-scratch GPTModel (KV cache)",
+                    _forward_installer(_llms_from_scratch_kv_forward, model.tok_emb, model.pos_emb, model.drop_emb))
+        return ("LLMs-from-scratch GPTModel",
+                _forward_installer(_llms_from_scratch_forward, model.tok_emb, model.pos_emb, model.drop_emb))
+    transformer = getattr(model, "transformer", None)
+    if transformer is not None and hasattr(model, "lm_head") and not _is_hugging_face(model) and \
+            all(hasattr(transformer, n) for n in ("wte", "wpe", "drop", "h", "ln_f")) and \
+            isinstance(transformer.wte, nn.Embedding) and isinstance(transformer.wpe, nn.Embedding):
+        return "nanoGPT GPT", _forward_installer(_nanogpt_forward, transformer.wte, transformer.wpe, transformer.drop)
+    return None
+
+
 FAMILIES = (
     "LLMs-from-scratch GPTModel: tok_emb, pos_emb, drop_emb, trf_blocks, final_norm, out_head "
     "(with current_pos: the KV-cache variant)",
     "nanoGPT GPT: transformer.wte, transformer.wpe, transformer.drop, transformer.h, transformer.ln_f, lm_head",
+    "Hugging Face GPT2Model / GPT2LMHeadModel: transformer.wte, transformer.wpe, transformer.drop",
 )
 
 
 def swap_input_embeddings(model: nn.Module, *, check_ids: bool = True, verify: bool = True) -> nn.Module:
-    """Fuse ``model``'s input embedding (and its embedding dropout) in place; return ``model``.
+    """Fuse ``model``'s input embedding (and, where the family allows, its embedding dropout) in
+    place; return ``model``.
 
     Idempotent. ``verify`` runs a 4-token probe (eval mode, no grad) before and after and undoes
     the swap with a ``RuntimeError`` if the logits differ. Raises ``TypeError`` naming what it
@@ -116,40 +195,33 @@ def swap_input_embeddings(model: nn.Module, *, check_ids: bool = True, verify: b
         raise TypeError(
             f"swap_input_embeddings does not recognise {type(model).__name__}; it looks for one of: "
             + "; ".join(FAMILIES))
-    family, tok_emb, pos_emb, dropout, forward = found
-    if not isinstance(dropout, nn.Dropout):
-        dropout = 0.0
-    fused = FusedInputEmbedding.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=check_ids)
-    probe = _probe(model, tok_emb, pos_emb) if verify else None
+    family, install = found
+    probe = _probe(model) if verify else None
     before = probe() if probe else None
-    model.__dict__["_tokemb_fast_fused"] = fused
-    had_forward = "forward" in model.__dict__
-    previous_forward = model.__dict__.get("forward")
-    # A partial of a module-level function (not a bound method) so that pickling the whole model
-    # (torch.save(model)) and copy.deepcopy keep working.
-    model.forward = functools.partial(forward, model)
-    setattr(model, _MARK, True)
+    undo = install(model, check_ids)
     if probe is not None:
         after = probe()
         if not _same(before, after):
-            _undo(model, had_forward, previous_forward)
+            undo()
+            difference = (before - after).abs().max().item() if before.shape == after.shape else float("nan")
             raise RuntimeError(
                 f"{type(model).__name__} looks like a {family} but its logits changed after the swap "
-                f"(max difference {(before - after).abs().max().item():.3g}); its forward must differ from "
-                "that family's, so the swap was undone")
-    model.tokemb_fast_family = family
+                f"(max difference {difference:.3g}); its forward must differ from that family's, so the swap "
+                "was undone")
+    model.__dict__[_MARK] = True
+    model.__dict__["tokemb_fast_family"] = family
     return model
 
 
-def _undo(model, had_forward, previous_forward):
-    del model.__dict__["_tokemb_fast_fused"]
-    del model.__dict__["forward"]
-    if had_forward:
-        model.forward = previous_forward
-    delattr(model, _MARK)
+def _embeddings(model):
+    transformer = getattr(model, "transformer", model)
+    if hasattr(model, "tok_emb"):
+        return model.tok_emb, model.pos_emb
+    return transformer.wte, transformer.wpe
 
 
-def _probe(model, tok_emb, pos_emb) -> Optional[Callable[[], torch.Tensor]]:
+def _probe(model) -> Callable[[], torch.Tensor]:
+    tok_emb, pos_emb = _embeddings(model)
     seq_len = min(4, pos_emb.num_embeddings)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, tok_emb.num_embeddings, (1, seq_len), generator=generator).to(tok_emb.weight.device)
@@ -162,8 +234,13 @@ def _probe(model, tok_emb, pos_emb) -> Optional[Callable[[], torch.Tensor]]:
                 out = model(ids)
         finally:
             model.train(training)
-        logits = out[0] if isinstance(out, tuple) else out
-        return logits.detach().float()
+        for name in ("logits", "last_hidden_state"):
+            if hasattr(out, name):
+                out = getattr(out, name)
+                break
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.detach().float()
     return run
 
 

@@ -1,0 +1,111 @@
+"""swap_input_embeddings on Hugging Face GPT-2 (tiny local configs, no hub downloads)."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
+
+from tokemb_fast import swap_input_embeddings, triton_ops  # noqa: E402
+
+BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
+    return request.param
+
+
+def config():
+    return GPT2Config(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0)
+
+
+def pair(cls=GPT2LMHeadModel):
+    torch.manual_seed(0)
+    model = cls(config()).to(DEVICE).eval()
+    return model, swap_input_embeddings(copy.deepcopy(model))
+
+
+def output(model, **kwargs):
+    out = model(**kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("positions", ["absent", "1xT", "BxT_left_padded"])
+def test_outputs_and_every_gradient_match(backend, positions, monkeypatch):
+    launches = []
+    forward_op = triton_ops.input_embedding_forward
+    monkeypatch.setattr(triton_ops, "input_embedding_forward", lambda *a: launches.append(1) or forward_op(*a))
+    original, swapped = pair()
+    ids = torch.randint(1, 61, (3, 12), device=DEVICE)
+    kwargs = {"input_ids": ids}
+    if positions == "1xT":
+        kwargs["position_ids"] = torch.arange(12, device=DEVICE)[None]
+    elif positions == "BxT_left_padded":
+        pad = torch.tensor([0, 3, 5], device=DEVICE)
+        mask = (torch.arange(12, device=DEVICE)[None] >= pad[:, None]).long()
+        kwargs["attention_mask"] = mask
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+    expected, got = output(original, **kwargs), output(swapped, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    named = dict(swapped.named_parameters())
+    for name, parameter in original.named_parameters():
+        torch.testing.assert_close(named[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert len(launches) == (2 if backend == "triton" else 0)  # the probe after the swap, then this call
+
+
+def test_gpt2_model_token_types_and_inputs_embeds(backend):
+    original, swapped = pair(GPT2Model)
+    ids = torch.randint(0, 61, (2, 7), device=DEVICE)
+    token_types = torch.randint(0, 61, (2, 7), device=DEVICE)
+    torch.testing.assert_close(output(swapped, input_ids=ids, token_type_ids=token_types),
+                               output(original, input_ids=ids, token_type_ids=token_types))
+    embeds = torch.randn(2, 7, 32, device=DEVICE)
+    torch.testing.assert_close(output(swapped, inputs_embeds=embeds), output(original, inputs_embeds=embeds))
+    # wte/wpe called directly (outside the model's forward) are plain embeddings.
+    torch.testing.assert_close(swapped.wte(ids), original.wte(ids))
+
+
+def test_generation_with_kv_cache_gives_the_same_tokens(backend):
+    original, swapped = pair()
+    prompt = torch.randint(1, 61, (2, 4), device=DEVICE)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(swapped.generate(prompt, **settings), original.generate(prompt, **settings))
+
+
+def test_state_dict_checkpoints_tying_and_replaced_weights():
+    original, swapped = pair()
+    assert list(swapped.state_dict()) == list(original.state_dict())
+    assert swapped.lm_head.weight is swapped.transformer.wte.weight
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = swap_input_embeddings(GPT2LMHeadModel(config()).to(DEVICE).eval())
+    fresh.load_state_dict(torch.load(buffer))
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    torch.testing.assert_close(output(fresh, input_ids=ids), output(original, input_ids=ids))
+    plain = GPT2LMHeadModel(config()).to(DEVICE).eval()
+    plain.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(output(plain, input_ids=ids), output(original, input_ids=ids))
+    for model in (original, swapped):  # what a weight loader does
+        model.transformer.wte.weight = nn.Parameter(torch.ones(61, 32, device=DEVICE) * 0.01)
+    torch.testing.assert_close(output(swapped, input_ids=ids), output(original, input_ids=ids))
+
+
+def test_idempotent_copyable_and_dropout_left_to_the_model():
+    _, swapped = pair()
+    assert swap_input_embeddings(swapped) is swapped
+    assert swapped.tokemb_fast_family == "Hugging Face GPT2"
+    ids = torch.randint(0, 61, (1, 5), device=DEVICE)
+    clone = copy.deepcopy(swapped)
+    torch.testing.assert_close(output(clone, input_ids=ids), output(swapped, input_ids=ids))
+    state = clone.transformer.wte.__dict__["_tokemb_fast_state"]
+    assert state["fused"].tok_emb is clone.transformer.wte and state["fused"].drop.p == 0.0
