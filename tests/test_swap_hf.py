@@ -109,3 +109,24 @@ def test_idempotent_copyable_and_dropout_left_to_the_model():
     torch.testing.assert_close(output(clone, input_ids=ids), output(swapped, input_ids=ids))
     state = clone.transformer.wte.__dict__["_tokemb_fast_state"]
     assert state["fused"].tok_emb is clone.transformer.wte and state["fused"].drop.p == 0.0
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiles_fullgraph(compile_backend, monkeypatch):
+    if compile_backend == "inductor" and DEVICE != "cuda":
+        pytest.skip("Inductor compiles the Triton kernels only on a GPU; the aot_eager case traces the same graph")
+    if DEVICE == "cpu":
+        if not triton_ops.INTERPRETED:
+            pytest.skip("CPU tensors reach the kernels only under TRITON_INTERPRET=1")
+        monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    torch._dynamo.reset()
+    original, swapped = pair()
+    compiled = torch.compile(swapped, backend=compile_backend, fullgraph=True)
+    ids = torch.randint(0, 61, (2, 10), device=DEVICE)
+    got, expected = output(compiled, input_ids=ids), output(original, input_ids=ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    got.square().mean().backward()
+    expected.square().mean().backward()
+    named = dict(original.named_parameters())
+    for name, parameter in swapped.named_parameters():
+        torch.testing.assert_close(parameter.grad, named[name].grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -1,0 +1,123 @@
+"""The fused op inside real training setups: torch.compile, autocast, CUDA graphs (GPU only)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import requires_cuda
+from gpt_models import GPTModel, GPTModelKV, NanoGPT
+from tokemb_fast import FusedInputEmbedding, swap_input_embeddings, triton_ops
+
+BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
+    return request.param
+
+
+def _loss(model, ids):
+    nano = isinstance(getattr(model, "_orig_mod", model), NanoGPT)  # see through torch.compile's wrapper
+    out = model(ids, ids) if nano else model(ids)
+    if isinstance(out, tuple):
+        return out[1]
+    return nn.functional.cross_entropy(out.flatten(0, 1), ids.flatten())
+
+
+@pytest.mark.skipif(not triton_ops.INTERPRETED, reason="CPU twin of the CUDA test: Dynamo + AOT autograd, kernels "
+                                                       "interpreted (Inductor cannot compile the interpreter)")
+@pytest.mark.parametrize("family", [GPTModel, NanoGPT])
+def test_compiled_swapped_model_fullgraph_on_cpu(family, monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = swap_input_embeddings(family()).eval()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 61, (2, 16))
+    loss_compiled, loss_eager = _loss(compiled, ids), _loss(eager, ids)
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    loss_compiled.backward()
+    loss_eager.backward()
+    eager_grads = dict(eager.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, eager_grads[name].grad, msg=name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("family", [GPTModel, NanoGPT])
+def test_compiled_swapped_model_fullgraph_inductor(family):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = swap_input_embeddings(family().cuda()).eval()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    ids = torch.randint(0, 61, (2, 16), device="cuda")
+    loss_compiled, loss_eager = _loss(compiled, ids), _loss(eager, ids)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-4, atol=1e-5)
+    loss_compiled.backward()
+    loss_eager.backward()
+    eager_grads = dict(eager.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, eager_grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_behaves_as_nn_embedding(backend, autocast_dtype, table_dtype):
+    # Embedding is not an autocast op: the output keeps the tables' dtype, the gradients too.
+    tok, pos = nn.Embedding(40, 8, dtype=table_dtype).to(DEVICE), nn.Embedding(12, 8, dtype=table_dtype).to(DEVICE)
+    fused = FusedInputEmbedding.from_embeddings(copy.deepcopy(tok), copy.deepcopy(pos))
+    ids = torch.randint(0, 40, (3, 12), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=autocast_dtype):
+        expected = tok(ids) + pos(torch.arange(12, device=DEVICE))
+        got = fused(ids)
+        assert got.dtype == expected.dtype == table_dtype
+        (expected.float().square().sum()).backward()
+        (got.float().square().sum()).backward()
+    assert fused.tok_emb.weight.grad.dtype == tok.weight.grad.dtype == table_dtype
+    torch.testing.assert_close(got, expected)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if table_dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(fused.tok_emb.weight.grad, tok.weight.grad, **tolerance)
+    torch.testing.assert_close(fused.pos_emb.weight.grad, pos.weight.grad, **tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the captured maths (forward, "
+                    "backward, dropout) is checked on CPU by test_fused_op and test_dropout")
+def test_cuda_graph_capture_and_replay_forward_and_backward():
+    # With check_ids=False nothing syncs with the host, so forward and backward can be captured.
+    torch.manual_seed(0)
+    module = FusedInputEmbedding(500, 64, 128, check_ids=False, dropout=0.1).cuda()
+    ids = torch.randint(0, 500, (4, 64), device="cuda")
+    grad_out = torch.randn(4, 64, 128, device="cuda")
+    graphed = torch.cuda.make_graphed_callables(module, (ids,))
+    for step in range(3):
+        ids.copy_(torch.randint(0, 500, (4, 64), device="cuda"))
+        module.zero_grad(set_to_none=False)
+        out = graphed(ids)
+        out.backward(grad_out)
+        torch.cuda.synchronize()
+        mask = out != 0  # dropout: a fresh mask at each replay
+        expected = (module.tok_emb.weight[ids] + module.pos_emb.weight[:64]) * mask / 0.9
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        expected_grad = torch.zeros_like(module.tok_emb.weight)
+        expected_grad.index_add_(0, ids.flatten(), (grad_out * mask / 0.9).reshape(-1, 128))
+        torch.testing.assert_close(module.tok_emb.weight.grad, expected_grad, rtol=1e-4, atol=1e-5)
+        if step:
+            assert not torch.equal(mask, previous)
+        previous = mask
+
+
+@pytest.mark.parametrize("family", [GPTModelKV])
+def test_kv_cache_variant_compiles_without_the_cache(family, monkeypatch):
+    # use_cache=False is a plain training forward; decoding with the cache mutates Python state
+    # (current_pos) and is left to eager mode.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton" if "triton" in BACKENDS else "torch")
+    torch._dynamo.reset()
+    model = swap_input_embeddings(family().to(DEVICE)).eval()
+    compiled = torch.compile(model, backend="aot_eager" if DEVICE == "cpu" else "inductor", fullgraph=True)
+    ids = torch.randint(0, 61, (2, 10), device=DEVICE)
+    torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-4, atol=1e-5)
