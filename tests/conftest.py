@@ -4,8 +4,12 @@ TRITON_INTERPRET must be set before tokemb_fast (and so the kernels) is imported
 it happens here, at conftest import. On a CUDA machine the real compiled kernels are tested.
 """
 import os
+import sys
 
 import torch
+
+# The tiny GPT models of the families swap_input_embeddings knows live with the examples.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,6 +1,7 @@
-"""Tiny GPT models of the families swap_input_embeddings knows, written here so that tests need no
-downloads: the LLMs-from-scratch GPTModel (and its KV-cache variant) and a nanoGPT-style GPT.
-They follow those projects' attribute names and forward passes; the internals are our own."""
+"""GPT models of the families swap_input_embeddings knows, small enough to build anywhere: the
+LLMs-from-scratch GPTModel (and its KV-cache variant) and a nanoGPT-style GPT. They follow those
+projects' attribute names and forward passes; the internals are our own. Used by
+train_gpt2.py and by the test suite."""
 import torch
 import torch.nn.functional as F
 from torch import nn
