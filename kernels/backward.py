@@ -141,6 +141,23 @@ def segment_chunk_sums_kernel(
 
 
 @triton.jit
+def _add_entries(acc, first, last, col_start, col_ok, grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
+                 keys_ptr, order_ptr, batch, seq_len, past_length, dim, dropout_seed_ptr, dropout_scale_ptr,
+                 dropout_threshold, IMPLICIT_POSITIONS: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, ALIGNED4: tl.constexpr):
+    """acc[r] += the grad rows of sorted entries first[r] .. last[r] - 1, one entry per step, in order."""
+    for i in range(0, tl.max(last - first, axis=0)):
+        entry = first + i
+        live = entry < last
+        _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
+                                      IMPLICIT_POSITIONS)
+        acc += _load_grad(grad_out_ptr, b, step, col_start, live[:, None] & col_ok[None, :], stride_grad_b,
+                          stride_grad_t, stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr,
+                          dropout_threshold, BLOCK_D, HAS_DROPOUT, ALIGNED4).to(acc.dtype)
+    return acc
+
+
+@triton.jit
 def embedding_grad_rows_kernel(
     grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype; every row written
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
@@ -186,28 +203,18 @@ def embedding_grad_rows_kernel(
     else:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
 
-    for i in range(0, tl.max(head_end - start, axis=0)):
-        entry = start + i
-        live = entry < head_end
-        _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
-                                      IMPLICIT_POSITIONS)
-        acc += _load_grad(grad_out_ptr, b, step, col_start, live[:, None] & col_ok[None, :], stride_grad_b,
-                          stride_grad_t, stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr,
-                          dropout_threshold, BLOCK_D, HAS_DROPOUT, ALIGNED4).to(acc.dtype)
+    acc = _add_entries(acc, start, head_end, col_start, col_ok, grad_out_ptr, stride_grad_b, stride_grad_t,
+                       stride_grad_d, keys_ptr, order_ptr, batch, seq_len, past_length, dim, dropout_seed_ptr,
+                       dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS, BLOCK_D, HAS_DROPOUT, ALIGNED4)
 
     for c in range(0, tl.max(n_chunks, axis=0)):
         live = c < n_chunks
         src = chunk_sums_ptr + (first_chunk + c)[:, None] * dim + cols[None, :]
         acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0)
 
-    for i in range(0, tl.max(end - tail_start, axis=0)):
-        entry = tail_start + i
-        live = entry < end
-        _key, b, step = _sorted_entry(entry, keys_ptr, order_ptr, live, batch, seq_len, past_length,
-                                      IMPLICIT_POSITIONS)
-        acc += _load_grad(grad_out_ptr, b, step, col_start, live[:, None] & col_ok[None, :], stride_grad_b,
-                          stride_grad_t, stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr,
-                          dropout_threshold, BLOCK_D, HAS_DROPOUT, ALIGNED4).to(acc.dtype)
+    acc = _add_entries(acc, tail_start, end, col_start, col_ok, grad_out_ptr, stride_grad_b, stride_grad_t,
+                       stride_grad_d, keys_ptr, order_ptr, batch, seq_len, past_length, dim, dropout_seed_ptr,
+                       dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS, BLOCK_D, HAS_DROPOUT, ALIGNED4)
 
     if SCALE_BY_FREQ:
         acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]

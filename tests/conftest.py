@@ -23,6 +23,17 @@ INTERPRETED = triton_ops.INTERPRETED
 #: the interpreter.
 TRITON_DEVICE = torch.device("cuda") if torch.cuda.is_available() and not INTERPRETED else torch.device("cpu")
 
+#: The paths a test can take: plain PyTorch always; the Triton kernels where they can run here.
+BACKENDS = ["torch"] + (["triton"] if INTERPRETED or torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run the test once per path, selected through TOKEMB_FAST_BACKEND."""
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
+    return request.param
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the interpreter twin "
                                    "of this test checks the same maths on CPU")
 

@@ -5,19 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import requires_cuda
+from conftest import BACKENDS, TRITON_DEVICE, requires_cuda
 from helpers import TOLERANCES
 from gpt_models import GPTModel, GPTModelKV, NanoGPT
 from tokemb_fast import FusedInputEmbedding, swap_input_embeddings, triton_ops
 
-BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
-    return request.param
+DEVICE = TRITON_DEVICE.type
 
 
 def _loss(model, ids):
@@ -102,6 +95,7 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
     ids = torch.randint(0, 500, (4, 64), device="cuda")
     grad_out = torch.randn(4, 64, 128, device="cuda")
     graphed = torch.cuda.make_graphed_callables(module, (ids,))
+    previous = None
     for step in range(3):
         ids.copy_(torch.randint(0, 500, (4, 64), device="cuda"))
         module.zero_grad(set_to_none=False)
@@ -114,7 +108,7 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
         expected_grad = torch.zeros_like(module.tok_emb.weight)
         expected_grad.index_add_(0, ids.flatten(), (grad_out * mask / 0.9).reshape(-1, 128))
         torch.testing.assert_close(module.tok_emb.weight.grad, expected_grad, rtol=1e-4, atol=1e-5)
-        if step:
+        if previous is not None:
             assert not torch.equal(mask, previous)
         previous = mask
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import BACKENDS, TRITON_DEVICE
 from helpers import TOLERANCES, assert_exact_within, exact_reference, random_tables
 from tokemb_fast import FusedInputEmbedding, fused_input_embedding, triton_ops
 
-BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
+DEVICE = TRITON_DEVICE.type
 SIGMAS = 5.0  # every statistical bound below fails by chance with probability < 1e-6
 
 

@@ -8,16 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TRITON_DEVICE
 from tokemb_fast import FusedInputEmbedding, SinusoidalPositionEmbedding, fused_input_embedding, triton_ops
 
-BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
-    return request.param
+DEVICE = TRITON_DEVICE.type
 
 
 def count_grad_launches(monkeypatch):

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import BACKENDS, TRITON_DEVICE
 from helpers import TOLERANCES, assert_exact_within
-from tokemb_fast import FusedInputEmbedding, triton_ops
+from tokemb_fast import FusedInputEmbedding
 
-BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
+DEVICE = TRITON_DEVICE.type
 ID_KINDS = ["uniform", "all_equal", "distinct", "zipf", "edges", "padding"]
 
 

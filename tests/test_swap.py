@@ -7,18 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TRITON_DEVICE
 from gpt_models import GPTModel, GPTModelKV, NanoGPT, generate_with_cache
 from tokemb_fast import swap_input_embeddings, triton_ops
 
-BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
+DEVICE = TRITON_DEVICE.type
 FAMILIES = {"llms-from-scratch": GPTModel, "llms-from-scratch-kv": GPTModelKV, "nanogpt": NanoGPT}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
-    return request.param
 
 
 def logits_of(model, ids, targets=None):

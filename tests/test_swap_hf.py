@@ -9,16 +9,10 @@ from torch import nn
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
 
+from conftest import TRITON_DEVICE
 from tokemb_fast import swap_input_embeddings, triton_ops  # noqa: E402
 
-BACKENDS = ["torch"] + (["triton"] if triton_ops.INTERPRETED or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not triton_ops.INTERPRETED else "cpu"
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TOKEMB_FAST_BACKEND", request.param)
-    return request.param
+DEVICE = TRITON_DEVICE.type
 
 
 def config():
