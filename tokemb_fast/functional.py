@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .reference import default_position_ids, input_embedding_reference
-from .validation import check_dropout, check_inputs, check_table_options
+from .validation import check_dropout, check_id_ranges, check_inputs, check_table_options
 
 try:
     from . import triton_ops
@@ -194,19 +194,30 @@ def fused_input_embedding(
     if not isinstance(token_weight, torch.Tensor):
         raise TypeError(f"token_weight must be a torch.Tensor, got {type(token_weight).__name__}")
     use_triton = _resolve_backend(backend, token_weight.device) == "triton"
+    # On the CPU, F.embedding bounds-checks every id itself, so the range check (a reduction per
+    # call, about as costly as the lookup at small sizes) can wait for its IndexError, unless
+    # max_norm would renormalise a table before the lookup fails.
+    check_later = check_ids and not use_triton and token_weight.device.type == "cpu" and \
+        max_norm is None and position_max_norm is None
     # Every check runs before max_norm touches a table, so a rejected call changes nothing.
-    position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length, check_ids)
+    position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length,
+                                check_ids and not check_later)
     padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, max_norm, norm_type)
     position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx,
                                                position_max_norm, position_norm_type)
     dropout_p = check_dropout(dropout_p) if training else 0.0
     if not use_triton:
-        out = input_embedding_reference(
-            input_ids, token_weight, position_weight, position_ids, past_length,
-            padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq,
-            sparse=sparse, position_padding_idx=position_padding_idx, position_max_norm=position_max_norm,
-            position_norm_type=position_norm_type, position_scale_grad_by_freq=position_scale_grad_by_freq,
-            position_sparse=position_sparse)
+        try:
+            out = input_embedding_reference(
+                input_ids, token_weight, position_weight, position_ids, past_length,
+                padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, position_padding_idx=position_padding_idx,
+                position_max_norm=position_max_norm, position_norm_type=position_norm_type,
+                position_scale_grad_by_freq=position_scale_grad_by_freq, position_sparse=position_sparse)
+        except IndexError:
+            if check_later:  # raise ours, naming the bad id and the limit
+                check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
+            raise
         # A different random stream from the kernels' (PyTorch's CPU/CUDA generator vs Philox in Triton).
         return torch.nn.functional.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
     # max_norm: rows looked up in this call are renormalised in place first, by the same function

@@ -92,7 +92,7 @@ def check_inputs(
             f"past_length + T must be <= {num_positions}")
 
     if check_ids and not _is_compiling():
-        _check_id_ranges(input_ids, token_weight.shape[0], position_ids, num_positions)
+        check_id_ranges(input_ids, token_weight.shape[0], position_ids, num_positions)
     return position_ids
 
 
@@ -123,7 +123,7 @@ def check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def _check_id_ranges(input_ids, vocab_size, position_ids, num_positions) -> None:
+def check_id_ranges(input_ids, vocab_size, position_ids, num_positions) -> None:
     # One reduction per tensor and a single device->host copy for all of them.
     parts = []
     if input_ids.numel() > 0:
