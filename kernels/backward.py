@@ -158,6 +158,41 @@ def _add_entries(acc, first, last, col_start, col_ok, grad_out_ptr, stride_grad_
 
 
 @triton.jit
+def _sum_entry_tiles(first, last, col_start, col_ok, grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
+                     keys_ptr, order_ptr, batch, seq_len, past_length, dim, dropout_seed_ptr, dropout_scale_ptr,
+                     dropout_threshold, IMPLICIT_POSITIONS: tl.constexpr, ACC_FP64: tl.constexpr,
+                     TILE_ENTRIES: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     ALIGNED4: tl.constexpr):
+    """Sum of the grad rows of sorted entries first .. last - 1 (scalars), TILE_ENTRIES rows per
+    load: the loads of a tile are in flight together, so a segment costs a few dependent steps."""
+    if ACC_FP64:
+        total = tl.zeros([BLOCK_D], dtype=tl.float64)
+    else:
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile_start in range(first, last, TILE_ENTRIES):
+        entries = tile_start + tl.arange(0, TILE_ENTRIES)
+        live = entries < last
+        _key, b, step = _sorted_entry(entries, keys_ptr, order_ptr, live, batch, seq_len, past_length,
+                                      IMPLICIT_POSITIONS)
+        tile = _load_grad(grad_out_ptr, b, step, col_start, live[:, None] & col_ok[None, :], stride_grad_b,
+                          stride_grad_t, stride_grad_d, seq_len, dim, dropout_seed_ptr, dropout_scale_ptr,
+                          dropout_threshold, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+        total += tl.sum(tile.to(total.dtype), axis=0)
+    return total
+
+
+@triton.jit
+def _sum_chunk_tiles(first_chunk, n_chunks, cols, col_ok, chunk_sums_ptr, dim, TILE_ENTRIES: tl.constexpr):
+    """Sum of the partial sums of chunks first_chunk .. first_chunk + n_chunks - 1, TILE_ENTRIES per load."""
+    total = tl.zeros(cols.shape, dtype=chunk_sums_ptr.dtype.element_ty)
+    for offset in range(0, n_chunks, TILE_ENTRIES):
+        lanes = offset + tl.arange(0, TILE_ENTRIES)
+        src = chunk_sums_ptr + (first_chunk + lanes)[:, None] * dim + cols[None, :]
+        total += tl.sum(tl.load(src, mask=(lanes < n_chunks)[:, None] & col_ok[None, :], other=0.0), axis=0)
+    return total
+
+
+@triton.jit
 def embedding_grad_rows_kernel(
     grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype; every row written
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
@@ -172,6 +207,7 @@ def embedding_grad_rows_kernel(
     HAS_DROPOUT: tl.constexpr,
     ALIGNED4: tl.constexpr,
     CHUNK: tl.constexpr,
+    SHORT: tl.constexpr,         # segments up to this long are summed across the tile's rows at once
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -188,33 +224,44 @@ def embedding_grad_rows_kernel(
     occurrences = (end - start) // count_divisor
     # The padding row's gradient is zero: treat its segment as empty (often the longest one).
     end = tl.where(rows == padding_idx, start, end)
-    # A segment that covers at least one whole chunk is summed as: its rows before the first
-    # whole chunk (head), the precomputed chunk sums, its rows after the last one (tail).
-    # Any other segment is shorter than 2*CHUNK and is summed row by row as its "head".
-    first_chunk = (start + CHUNK - 1) // CHUNK
-    end_chunk = end // CHUNK
-    has_chunks = end_chunk > first_chunk
-    head_end = tl.where(has_chunks, first_chunk * CHUNK, end)
-    tail_start = tl.where(has_chunks, end_chunk * CHUNK, end)
-    n_chunks = tl.where(has_chunks, end_chunk - first_chunk, 0)
-
     if ACC_FP64:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float64)
     else:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
 
-    acc = _add_entries(acc, start, head_end, col_start, col_ok, grad_out_ptr, stride_grad_b, stride_grad_t,
-                       stride_grad_d, keys_ptr, order_ptr, batch, seq_len, past_length, dim, dropout_seed_ptr,
-                       dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS, BLOCK_D, HAS_DROPOUT, ALIGNED4)
-
-    for c in range(0, tl.max(n_chunks, axis=0)):
-        live = c < n_chunks
-        src = chunk_sums_ptr + (first_chunk + c)[:, None] * dim + cols[None, :]
-        acc += tl.load(src, mask=live[:, None] & col_ok[None, :], other=0.0)
-
-    acc = _add_entries(acc, tail_start, end, col_start, col_ok, grad_out_ptr, stride_grad_b, stride_grad_t,
-                       stride_grad_d, keys_ptr, order_ptr, batch, seq_len, past_length, dim, dropout_seed_ptr,
-                       dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+    # Most segments are short (uniform ids over a large vocabulary: 0, 1 or 2 entries). Those are
+    # summed for all the tile's rows at once, one entry per step.
+    short = end - start <= SHORT
+    acc = _add_entries(acc, start, tl.where(short, end, start), col_start, col_ok, grad_out_ptr, stride_grad_b,
+                       stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len, past_length, dim,
+                       dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS, BLOCK_D,
+                       HAS_DROPOUT, ALIGNED4)
+    # A longer segment is summed by its row alone, CHUNK entries per load: its entries before the
+    # first whole chunk (head), the chunk kernel's partial sums of the whole chunks it covers, its
+    # entries after the last whole chunk (tail). Fixed order, so the result is deterministic, and
+    # about 2 + n/CHUNK^2 dependent steps for n entries, whatever the id distribution.
+    if tl.max(tl.where(short, 0, end - start), axis=0) > 0:
+        lanes = tl.arange(0, ROWS)
+        for r in range(0, ROWS):
+            row_start = tl.sum(tl.where(lanes == r, start, 0), axis=0)
+            row_end = tl.sum(tl.where(lanes == r, end, 0), axis=0)
+            if row_end - row_start > SHORT:
+                first_chunk = (row_start + CHUNK - 1) // CHUNK
+                end_chunk = row_end // CHUNK
+                has_chunks = end_chunk > first_chunk
+                head_end = tl.where(has_chunks, first_chunk * CHUNK, row_end)
+                tail_start = tl.where(has_chunks, end_chunk * CHUNK, row_end)
+                total = _sum_entry_tiles(row_start, head_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
+                                         stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
+                                         past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+                                         IMPLICIT_POSITIONS, ACC_FP64, CHUNK, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+                total += _sum_chunk_tiles(first_chunk, tl.where(has_chunks, end_chunk - first_chunk, 0), cols,
+                                          col_ok, chunk_sums_ptr, dim, CHUNK).to(total.dtype)
+                total += _sum_entry_tiles(tail_start, row_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
+                                          stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
+                                          past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+                                          IMPLICIT_POSITIONS, ACC_FP64, CHUNK, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+                acc += tl.where((lanes == r)[:, None], total[None, :], 0.0)
 
     if SCALE_BY_FREQ:
         acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]

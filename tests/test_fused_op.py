@@ -84,7 +84,9 @@ def test_gradient_id_distributions(kind, dtype):
 def test_segment_splitting_boundaries():
     # Segments of every length around the chunk size, at every alignment, in one batch.
     chunk = triton_ops.GRAD_CHUNK
-    lengths = [1, chunk - 1, chunk, chunk + 1, 2 * chunk - 1, 2 * chunk, 2 * chunk + 1, 3 * chunk + 5, 2]
+    short = triton_ops.GRAD_SHORT
+    lengths = [1, chunk - 1, chunk, chunk + 1, 2 * chunk - 1, 2 * chunk, 2 * chunk + 1, 3 * chunk + 5, 2, short - 1,
+               short, short + 1, short + 2, 40 * chunk + 3]
     ids = torch.cat([torch.full((n,), row) for row, n in enumerate(lengths)])
     ids = ids[torch.randperm(ids.numel())].reshape(1, -1).to(TRITON_DEVICE)
     check_against_oracle(ids, torch.float32, len(lengths) + 3, ids.shape[1], 8)

@@ -30,6 +30,9 @@ _define_op = custom_op if INTERPRETED else triton_op
 # Sorted entries are summed in pieces of CHUNK so that one frequent key cannot serialise the
 # backward (see kernels/backward.py). 32 keeps a piece's tile (32 x BLOCK_D fp32) in registers.
 GRAD_CHUNK = 32
+# Segments up to this many entries are summed for a whole tile of rows at once (one entry per
+# step); longer ones row by row, GRAD_CHUNK entries per load.
+GRAD_SHORT = 4
 # Elements of the output (forward) or of the gradient table (backward) one program owns: enough
 # 16-byte accesses per thread to keep memory busy, few enough to stay in registers.
 TILE = 4096
@@ -192,7 +195,7 @@ def embedding_dense_grad(
     wrap_triton(embedding_grad_rows_kernel)[(triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d))](
         grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds, chunk_sums,
         num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor, *dropout,
-        SCALE_BY_FREQ=scale_grad_by_freq, ROWS=rows_per_program, BLOCK_D=block_d,
+        SCALE_BY_FREQ=scale_grad_by_freq, SHORT=GRAD_SHORT, ROWS=rows_per_program, BLOCK_D=block_d,
         ALIGNED4=_aligned4(dim, block_d), num_warps=4, **common,
     )
     return grad_table
