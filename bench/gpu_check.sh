@@ -3,7 +3,8 @@
 #   1. install the package (offline: --no-deps --no-build-isolation; the image has torch/triton),
 #   2. the test suite on CUDA (real compiled kernels, Inductor compile tests, 64-bit offsets),
 #   3. the full benchmark table (fused / eager / compile / floor, every shape, fp32 + bf16),
-#      plus the skewed id distributions at gpt2-124M and the fused-dropout rows.
+#      plus the skewed id distributions at gpt2-124M, the fused-dropout rows and Hugging Face
+#      GPT2Model's embedding before/after swap_input_embeddings (what the swap saves there).
 # Logs, JSON and the plot go to $OUT (the device tool's output folder) or /tmp/tokemb-gpu.
 # Usage: bash bench/gpu_check.sh [--quick]   (--quick: tests + gpt2-124M only)
 set -uo pipefail
@@ -35,7 +36,8 @@ timeout 300 tokemb-fast bench --shapes "$shapes" --json "$OUT/bench.json" --plot
 timeout 120 tokemb-fast bench --shapes gpt2-124M --ids zipf,equal --impls fused,eager --modes fwd+bwd \
   --json "$OUT/bench-skew.json" 2>&1 | tee "$OUT/bench-skew.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 120 tokemb-fast bench --shapes gpt2-124M,big --impls fused,fused+dropout,eager+dropout,compile+dropout \
+timeout 120 tokemb-fast bench --shapes gpt2-124M,big \
+  --impls fused,fused+dropout,eager+dropout,compile+dropout,hf-eager,hf-swapped \
   --json "$OUT/bench-dropout.json" 2>&1 | tee "$OUT/bench-dropout.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -48,7 +48,8 @@ def test_inputs_are_random_and_in_range(ids):
 def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     rows = bench.run_cuda([TINY, TINY_DECODE], ["fp32", "bf16"], list(bench.MODES),
-                          ["fused", "fused-checked", "eager", "floor", "fused+dropout", "eager+dropout"],
+                          ["fused", "fused-checked", "eager", "floor", "fused+dropout", "eager+dropout", "hf-eager",
+                           "hf-swapped"],
                           ["uniform", "equal"],
                           progress=lambda line: None, device=TRITON_DEVICE, timer=host_timer)
     impls = {(r.shape, r.dtype, r.mode, r.impl, r.ids) for r in rows}
@@ -66,6 +67,9 @@ def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
     fused_drop, eager_drop = pick[("fused+dropout", "fwd", "uniform")], pick[("eager+dropout", "fwd", "uniform")]
     line = next(l for l in table.split("#### tiny, fp32")[1].splitlines() if l.startswith("| fwd | fused+dropout |"))
     assert f"| {eager_drop.ms / fused_drop.ms:.2f}x |" in line
+    swapped, hf_eager = pick[("hf-swapped", "fwd", "uniform")], pick[("hf-eager", "fwd", "uniform")]
+    line = next(l for l in table.split("#### tiny, fp32")[1].splitlines() if l.startswith("| fwd | hf-swapped |"))
+    assert f"| {hf_eager.ms / swapped.ms:.2f}x |" in line
     bench.save_json(rows, str(tmp_path / "r.json"), bench.environment())
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__ and len(saved["rows"]) == len(rows)

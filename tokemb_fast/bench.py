@@ -53,6 +53,11 @@ IMPLS = ("fused", "fused-checked", "eager", "compile", "floor")
 #: eager ``F.dropout(tok + pos)`` (which stores a B*T*D mask) and its torch.compile.
 DROPOUT_IMPLS = ("fused+dropout", "eager+dropout", "compile+dropout")
 DROPOUT_P = 0.1
+#: What Hugging Face GPT2Model does around the embedding, before and after swap_input_embeddings:
+#: drop(wte(ids) + wpe(position_ids [1, T])) against drop(zero placeholder + fused(ids, positions)).
+HF_IMPLS = ("hf-eager", "hf-swapped")
+#: Which rows a row is compared with in the "vs eager" and "vs compile" columns.
+BASELINES = {"fused+dropout": ("eager+dropout", "compile+dropout"), "hf-swapped": ("hf-eager", None)}
 ID_DISTRIBUTIONS = ("uniform", "zipf", "equal")
 
 
@@ -137,6 +142,26 @@ def _eager_dropout(input_ids, token_weight, position_weight, position_ids):
     return F.dropout(_eager(input_ids, token_weight, position_weight, position_ids), DROPOUT_P, training=True)
 
 
+def _hf_positions(input_ids, position_ids):
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)[None]
+    return position_ids
+
+
+def _hf_eager(input_ids, token_weight, position_weight, position_ids):
+    position_ids = _hf_positions(input_ids, position_ids)
+    hidden = F.embedding(input_ids, token_weight) + F.embedding(position_ids, position_weight)
+    return F.dropout(hidden, DROPOUT_P, training=True)
+
+
+def _hf_swapped(input_ids, token_weight, position_weight, position_ids):
+    placeholder = token_weight.new_zeros(()).expand(*input_ids.shape, token_weight.shape[1])
+    fused = fused_input_embedding(input_ids, token_weight, position_weight,
+                                  position_ids=_hf_positions(input_ids, position_ids), check_ids=False,
+                                  backend="triton")
+    return F.dropout(placeholder + fused, DROPOUT_P, training=True)
+
+
 def implementations(compiled: Optional[Callable] = None,
                     compiled_dropout: Optional[Callable] = None) -> Dict[str, Callable]:
     """Forward callables (input_ids, token_weight, position_weight, position_ids) -> output."""
@@ -151,7 +176,8 @@ def implementations(compiled: Optional[Callable] = None,
                                      backend="triton")
 
     impls = {"fused": fused, "fused-checked": fused_checked, "eager": _eager,
-             "fused+dropout": fused_dropout, "eager+dropout": _eager_dropout}
+             "fused+dropout": fused_dropout, "eager+dropout": _eager_dropout,
+             "hf-eager": _hf_eager, "hf-swapped": _hf_swapped}
     if compiled is not None:
         impls["compile"] = compiled
     if compiled_dropout is not None:
@@ -297,9 +323,9 @@ def format_table(rows: List[Row]) -> str:
                     if other.mode == row.mode and other.impl == impl and other.ids == row.ids:
                         return other.ms
                 return None
-            # Dropout rows are compared with eager / compile *with* dropout.
-            suffix = "+dropout" if row.impl.endswith("+dropout") else ""
-            eager, compiled = baseline("eager" + suffix), baseline("compile" + suffix)
+            eager_name, compile_name = BASELINES.get(row.impl, ("eager", "compile"))
+            eager = baseline(eager_name)
+            compiled = baseline(compile_name) if compile_name else None
             vs_eager = f"{eager / row.ms:.2f}x" if eager else "-"
             vs_compile = f"{compiled / row.ms:.2f}x" if compiled else "-"
             x_floor = "-" if row.floor_ms != row.floor_ms else f"{row.x_floor:.2f}"
@@ -329,7 +355,7 @@ def save_plot(rows: List[Row], path: str, env: dict) -> None:
     for ax, (mode, dtype) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r.mode == mode and r.dtype == dtype and r.ids in ("uniform", "-")]
         shapes = list(dict.fromkeys(r.shape for r in sel))
-        impls = [i for i in IMPLS + DROPOUT_IMPLS + ("torch-cpu",) if any(r.impl == i for r in sel)]
+        impls = [i for i in IMPLS + DROPOUT_IMPLS + HF_IMPLS + ("torch-cpu",) if any(r.impl == i for r in sel)]
         width = 0.8 / max(len(impls), 1)
         for k, impl in enumerate(impls):
             values = [next((r.gbps for r in sel if r.shape == s and r.impl == impl), 0.0) for s in shapes]

@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=100, help="timed calls per side (default 100)")
     demo.set_defaults(func=run_demo)
 
-    from .bench import DROPOUT_IMPLS, DROPOUT_P, DTYPES as BENCH_DTYPES, ID_DISTRIBUTIONS, IMPLS, MODES, SHAPES
+    from .bench import (DROPOUT_IMPLS, DROPOUT_P, DTYPES as BENCH_DTYPES, HF_IMPLS, ID_DISTRIBUTIONS, IMPLS, MODES,
+                        SHAPES)
     bench = sub.add_parser(
         "bench", help="time fused vs eager vs torch.compile vs the memory floor, a table per shape and dtype",
         description="Benchmark the fused op side by side with eager PyTorch, torch.compile and the "
@@ -183,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", type=_csv(list(BENCH_DTYPES)), default=["fp32", "bf16"],
                        help="comma-separated table dtypes (default fp32,bf16)")
     bench.add_argument("--modes", type=_csv(list(MODES)), default=list(MODES), help="fwd, fwd+bwd (default both)")
-    bench.add_argument("--impls", type=_csv(list(IMPLS + DROPOUT_IMPLS)), default=list(IMPLS),
+    bench.add_argument("--impls", type=_csv(list(IMPLS + DROPOUT_IMPLS + HF_IMPLS)), default=list(IMPLS),
                        help="implementations to time (default: " + ", ".join(IMPLS) + "; also "
-                            + ", ".join(DROPOUT_IMPLS) + f", with p={DROPOUT_P})")
+                            + ", ".join(DROPOUT_IMPLS) + f", with p={DROPOUT_P}; and " + ", ".join(HF_IMPLS)
+                            + ": Hugging Face GPT2Model's embedding before and after swap_input_embeddings)")
     bench.add_argument("--ids", type=_csv(list(ID_DISTRIBUTIONS)), default=["uniform"],
                        help="id distributions: uniform, zipf, equal (skewed ones time fused and eager only)")
     bench.add_argument("--json", metavar="FILE", help="also write every row and the environment as JSON")
