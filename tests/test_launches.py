@@ -1,0 +1,51 @@
+"""What one call dispatches: the forward is one op (one kernel launch) unless the id check runs."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import TRITON_DEVICE
+from tokemb_fast import fused_input_embedding, triton_ops
+
+pytestmark = pytest.mark.skipif(not (triton_ops.INTERPRETED or torch.cuda.is_available()),
+                                reason="counts the Triton path's ops")
+
+VIEWS = {"aten.view.default", "aten.unsqueeze.default", "aten.select.int", "aten.expand.default",
+         "aten.alias.default", "aten.detach.default"}
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def forward_ops(**kwargs):
+    ids = torch.randint(0, 50, (64, 1), device=TRITON_DEVICE)  # the decode shape: T = 1
+    token_weight = torch.randn(50, 32, device=TRITON_DEVICE)
+    position_weight = torch.randn(16, 32, device=TRITON_DEVICE)
+    with RecordOps() as recorder:
+        fused_input_embedding(ids, token_weight, position_weight, backend="triton", **kwargs)
+    return [op for op in recorder.ops if op not in VIEWS]
+
+
+@pytest.mark.parametrize("positions", ["default", "per_row"])
+def test_unchecked_forward_is_one_op(positions):
+    kwargs = {"check_ids": False}
+    if positions == "per_row":
+        kwargs["position_ids"] = torch.randint(0, 16, (64, 1), device=TRITON_DEVICE)
+    assert forward_ops(**kwargs) == ["tokemb_fast.input_embedding_forward.default"]
+
+
+def test_checked_forward_adds_one_reduction_per_tensor_and_one_sync():
+    # aminmax per id tensor, one stack, then a single .tolist() (the one device-to-host copy,
+    # which reads memory directly and dispatches no op), then the forward itself.
+    assert forward_ops(check_ids=True) == [
+        "aten.aminmax.default", "aten.stack.default", "tokemb_fast.input_embedding_forward.default"]
+    position_ids = torch.randint(0, 16, (64, 1), device=TRITON_DEVICE)
+    assert forward_ops(check_ids=True, position_ids=position_ids) == [
+        "aten.aminmax.default", "aten.aminmax.default", "aten.stack.default",
+        "tokemb_fast.input_embedding_forward.default"]
