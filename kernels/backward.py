@@ -77,7 +77,9 @@ def segment_bounds_kernel(
     hi = tl.zeros_like(target) + n_entries
     # floor(log2(n + 1)) + 1 halvings empty any range [0, n]; one spare covers float rounding
     # in log2. Extra steps with lo == hi load nothing.
-    search_steps = (tl.log2(tl.cast(n_entries, tl.float32) + 1.0) + 2.0).to(tl.int32)
+    # (Built from a tensor: Triton turns an integer argument equal to 1 into a constexpr.)
+    n_as_float = tl.sum(tl.zeros([1], dtype=tl.float32) + n_entries, axis=0)
+    search_steps = (tl.log2(n_as_float + 1.0) + 2.0).to(tl.int32)
     for _ in range(search_steps):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -120,10 +122,11 @@ def segment_chunk_sums_kernel(
     cols = col_start + tl.arange(0, BLOCK_D)
     col_ok = cols < dim
     first = chunk * CHUNK
-    key_first, _b0, _t0 = _sorted_entry(first, keys_ptr, order_ptr, True, batch, seq_len, past_length,
+    last = first + CHUNK - 1
+    key_first, _b0, _t0 = _sorted_entry(first, keys_ptr, order_ptr, first < n_entries, batch, seq_len, past_length,
                                         IMPLICIT_POSITIONS)
-    key_last, _b1, _t1 = _sorted_entry(first + CHUNK - 1, keys_ptr, order_ptr, True, batch, seq_len,
-                                       past_length, IMPLICIT_POSITIONS)
+    key_last, _b1, _t1 = _sorted_entry(last, keys_ptr, order_ptr, last < n_entries, batch, seq_len, past_length,
+                                       IMPLICIT_POSITIONS)
     # Only a chunk inside one segment is ever read back (see the row kernel), so the others do
     # nothing. The grid holds only full chunks, so both ends above are in range.
     if key_first == key_last:
