@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, requires_cuda
+from conftest import TRITON_DEVICE
 from tokemb_fast import fused_input_embedding
 
 
@@ -22,7 +22,8 @@ def test_table_rows_past_2_to_the_31_elements(id_dtype):
     assert torch.equal(out.cpu(), expected)
 
 
-@requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and ~17 GB for 4 GiB tensors; the "
+                    "CPU test above covers 64-bit table offsets, output offsets use the same int64 arithmetic")
 def test_output_and_gradient_past_2_to_the_31_elements():
     # B*T*D = 2^31 + 2^20 elements of output (4 GiB in fp16) and a gradient table of the same size.
     batch, seq_len, dim = 2**16 + 32, 8, 4096
