@@ -1,24 +1,26 @@
 """Backward kernels: a deterministic, single-write embedding gradient.
 
 grad_table[r, :] = sum of grad_out[b, t, :] over every (b, t) whose key (token id, or position)
-is r. The same two kernels serve the token table and the position table.
+is r. The same three kernels serve the token table and the position table.
 
 Why not atomic_add: float atomics make the summation order depend on scheduling, so the
 gradient changes in its last bits from run to run; they also need an fp32 scratch table for
 bf16/fp16 (no native half-precision atomics at this width) and a zero-fill pass first.
 
 Instead the caller sorts the keys once (a stable device sort, no host sync), so the entries of
-each table row form one contiguous *segment* of the sorted order. A small kernel finds where
-each row's segment starts (one binary search per row, all in parallel). Each program of the row
-kernel then owns a tile of table rows, sums the grad rows of each segment in a fixed order in
-fp32 registers, and writes every table row exactly once (untouched rows get zeros).
+each table row form one contiguous *segment* of the sorted order. segment_bounds_kernel finds
+where each row's segment starts (one binary search per row, all in parallel). Each program of
+embedding_grad_rows_kernel then owns a tile of table rows, sums the grad rows of each segment in
+a fixed order in fp32 registers, and writes every table row exactly once (untouched rows get
+zeros).
 
-One very frequent key (all ids equal, or Zipf's head) would serialise a whole batch in one
-program. So the sorted order is also cut into fixed CHUNK-sized pieces: a first kernel sums each
-piece that lies inside a single segment; a row whose segment covers whole pieces adds those
-partial sums instead of their rows. Serial work per row is then below 2*CHUNK + n_entries/CHUNK
-loads, whatever the id distribution, and the summation order depends only on the sorted order,
-which is deterministic.
+One very frequent key (all ids equal, or Zipf's head) must not serialise a whole batch in one
+program. So the sorted order is also cut into CHUNK-sized pieces: segment_chunk_sums_kernel sums
+each piece that lies inside a single segment, in parallel. In the row kernel, short segments are
+summed for all the tile's rows at once, one entry per step; a long one is summed by its row with
+CHUNK-wide tile loads of its leading entries, of the partial sums of the pieces it covers, and of
+its trailing entries: a few dependent steps whatever the distribution. The summation order
+depends only on the sorted order, which is deterministic.
 
 Default positions (arange(T) + past_length, shared by every batch row) need no sort: the sorted
 order is known in closed form, which the IMPLICIT_POSITIONS variant computes instead of loading.
