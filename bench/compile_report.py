@@ -1,0 +1,311 @@
+"""What the GPU compiler makes of our kernels, on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) checks the kernels' maths on CPU tensors, but not whether
+they compile for a GPU at all, nor what ptxas does with them: registers per thread (which bound
+how many programs share an SM, so how many loads are in flight in a memory-bound kernel), spills
+to local memory, the width of the global loads and stores (16-byte vector accesses or not), or
+whether a multiply and an add were contracted into one FMA (which would round differently from
+the interpreter, whose results the tests check).
+
+Triton's NVIDIA backend and its bundled ptxas run on any x86 machine, so this script compiles
+every kernel variant the launchers ask for at the benchmark shapes, for sm_90a (H100/H200),
+and reports those facts. It runs the real autograd path (FusedInputEmbeddingFunction forward
+and backward on CPU tensors that are never filled) under a stand-in Triton driver that names
+an sm_90 target and records each launch (kernel, grid) instead of running it. The autotuned
+forward compiles all its configs: the stand-in benchmarker gives each the same time.
+
+Run it in a process of its own (it replaces Triton's active driver) with TRITON_INTERPRET unset:
+
+    python bench/compile_report.py [--quick] [--json FILE] [--markdown FILE]
+
+It exits non-zero if a kernel fails to compile or spills. Figures are compiler output, not
+timings: they say nothing about speed that a GPU measurement would not overrule.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("compile_report: unset TRITON_INTERPRET; the kernels must be compiled, not interpreted")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+#: H100 and H200 are both compute capability 9.0 (Triton compiles for sm_90a there).
+TARGET = GPUTarget("cuda", 90, 32)
+#: What Triton asks the device about when it loads a kernel (an H100 SXM's figures).
+DEVICE_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                     "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000,
+                     "mem_bus_width": 5120}
+
+
+@dataclass
+class Launch:
+    kernel: str
+    hash: str
+    grid: tuple
+    tuning: bool  # an autotuner trial, not the launch the op keeps
+
+
+class CompileOnlyDriver:
+    """Triton's driver interface, enough of it to compile for TARGET and 'launch' nowhere."""
+
+    def __init__(self):
+        self.launches: List[Launch] = []
+        self.tuning = False
+        driver_self = self
+
+        class Utils:
+            def get_device_properties(self, device):
+                return dict(DEVICE_PROPERTIES)
+
+            def load_binary(self, name, kernel, shared, device):
+                # module, function, n_regs, n_spills, n_max_threads: known only to a real driver;
+                # ptxas reports them below instead.
+                return None, None, 0, 0, 1024
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                self.name, self.hash = metadata.name, metadata.hash
+
+            def __call__(self, grid_x, grid_y, grid_z, *args):
+                driver_self.launches.append(Launch(self.name, self.hash, (grid_x, grid_y, grid_z),
+                                                   driver_self.tuning))
+
+        self.utils = Utils()
+        self.launcher_cls = Launcher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_benchmarker(self):
+        def bench(kernel_call, quantiles=None, **kwargs):
+            # Every config "takes" 1 ms: the autotuner compiles each and keeps the first.
+            self.tuning = True
+            try:
+                kernel_call()
+            finally:
+                self.tuning = False
+            return [1.0] * len(quantiles) if quantiles else 1.0
+        return bench
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    hash: str
+    specialisation: Dict[str, object]
+    num_warps: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    load_bytes: List[int]      # distinct widths of global loads, in bytes per thread access
+    store_bytes: List[int]
+    fma: int                   # contracted multiply-adds (0: rounding as in the interpreter)
+    compile_s: float = 0.0
+
+
+@dataclass
+class CaseReport:
+    case: str
+    launches: List[dict] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)")
+_WIDTH = {"8": 1, "16": 2, "32": 4, "64": 8, "128": 16}
+
+
+def access_widths(ptx: str, kind: str) -> List[int]:
+    """Distinct byte widths of ld.global / st.global accesses in a PTX listing."""
+    widths = set()
+    for op, suffixes in _ACCESS.findall(ptx):
+        if op != kind:
+            continue
+        parts = suffixes.split(".")
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v[248]", p)), 1)
+        bits = next((p[1:] for p in reversed(parts) if re.fullmatch(r"[bfsu](8|16|32|64)", p)), None)
+        if bits is not None:
+            widths.add(vector * _WIDTH[bits])
+    return sorted(widths)
+
+
+def ptxas_usage(ptx: str) -> Dict[str, int]:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    try:
+        result = subprocess.run([get_ptxas(TARGET.arch).path, "-v", f"--gpu-name=sm_{TARGET.arch}a",
+                                 handle.name, "-o", os.devnull], capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(handle.name)
+    text = result.stdout + result.stderr
+
+    def number(pattern):
+        match = re.search(pattern, text)
+        return int(match.group(1)) if match else 0
+
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads")}
+
+
+# Constexprs worth a column: the tile shape and the variant switches.
+_SHOWN = ("BLOCK_D", "TILE", "ROWS", "BLOCK", "BLOCK_N", "CHUNK", "SHORT", "HAS_POSITION_IDS",
+          "IMPLICIT_POSITIONS", "HAS_DROPOUT", "ALIGNED4", "ACC_FP64", "SCALE_BY_FREQ")
+
+
+def kernel_reports(kernels_module) -> Dict[str, KernelReport]:
+    reports = {}
+    for jit_function in vars(kernels_module).values():
+        if not isinstance(jit_function, JITFunction):
+            continue
+        for caches in jit_function.device_caches.values():
+            for compiled in caches[0].values():
+                metadata = compiled.metadata
+                constants = {jit_function.arg_names[key[0]]: value for key, value in compiled.src.constants.items()
+                             if len(key) == 1}
+                ptx = compiled.asm["ptx"]
+                dtypes = {name: ty for name, ty in compiled.src.signature.items()
+                          if isinstance(ty, str) and ty.startswith("*")}
+                shown = {name: constants[name] for name in _SHOWN if name in constants}
+                shown["pointers"] = ",".join(sorted(set(t[1:] for t in dtypes.values())))
+                reports[metadata.hash] = KernelReport(
+                    kernel=metadata.name, hash=metadata.hash, specialisation=shown,
+                    num_warps=metadata.num_warps, shared_bytes=metadata.shared, **ptxas_usage(ptx),
+                    load_bytes=access_widths(ptx, "ld"), store_bytes=access_widths(ptx, "st"),
+                    fma=len(re.findall(r"\bfma\.rn", ptx)))
+    return reports
+
+
+def cases(quick: bool):
+    """(label, shape, dtype, options): each is one forward + backward through the autograd Function."""
+    from tokemb_fast.bench import SHAPES, Shape
+
+    gpt2, decode = SHAPES["gpt2-124M"], SHAPES["decode"]
+    odd = Shape("odd", 4, 64, 1000, 100, 64)  # D not divisible by 16: no vector accesses
+    if quick:  # one of each kernel variant family, for the test suite
+        main = [("gpt2-124M", gpt2, torch.float32, {}), ("gpt2-124M", gpt2, torch.bfloat16, {"dropout_p": 0.1}),
+                ("decode", decode, torch.float32, {})]
+    else:
+        main = [(name, shape, dtype, options) for name, shape in SHAPES.items()
+                for dtype in (torch.float32, torch.bfloat16) for options in ({}, {"dropout_p": 0.1})]
+        main.append(("gpt2-124M", gpt2, torch.float16, {}))
+    for name, shape, dtype, options in main:
+        yield f"{name} {str(dtype)[6:]}{' dropout' if options else ''}", shape, dtype, options
+    yield "D=100 float64", odd, torch.float64, {}
+    yield "D=100 float32, int32 ids, position_ids [B, T], padding_idx, scale_grad_by_freq", odd, torch.float32, \
+        {"int32": True, "position_ids": True, "padding_idx": 0, "scale_grad_by_freq": True}
+    yield "D=100 bfloat16 dropout, sparse token grad", odd, torch.bfloat16, {"dropout_p": 0.1, "sparse": True}
+
+
+def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
+    from tokemb_fast.functional import FusedInputEmbeddingFunction
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=generator)
+    if options.get("int32"):
+        ids = ids.to(torch.int32)
+    position_ids = None
+    if shape.random_positions or options.get("position_ids"):
+        position_ids = torch.randint(0, shape.context_length, (shape.batch, shape.seq_len), generator=generator)
+    # Never filled: nothing runs, so only shapes, dtypes and alignment matter (and untouched
+    # pages of a 2 GB table cost nothing).
+    token_weight = torch.empty(shape.vocab_size, shape.dim, dtype=dtype, requires_grad=True)
+    position_weight = torch.empty(shape.context_length, shape.dim, dtype=dtype, requires_grad=True)
+    start = len(fake.launches)
+    out = FusedInputEmbeddingFunction.apply(
+        ids, token_weight, position_weight, position_ids, 0, False, options.get("padding_idx"),
+        options.get("scale_grad_by_freq", False), options.get("sparse", False), None, False, False,
+        options.get("dropout_p", 0.0))
+    out.backward(torch.empty_like(out))
+    return [launch for launch in fake.launches[start:] if not launch.tuning]
+
+
+def markdown(kernels: Dict[str, KernelReport], case_reports: List[CaseReport], env: dict) -> str:
+    lines = [f"Compiled for sm_{TARGET.arch}a on {env['date']} with torch {env['torch']}, triton {env['triton']} "
+             f"(no GPU: `python bench/compile_report.py`).", "",
+             "| kernel | specialisation | warps | regs | spills (B) | smem (B) | ld widths (B) | st widths (B) | fma |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for report in sorted(kernels.values(), key=lambda r: (r.kernel, str(r.specialisation))):
+        spec = " ".join(f"{k}={v}" for k, v in report.specialisation.items())
+        lines.append(f"| {report.kernel} | {spec} | {report.num_warps} | {report.registers} | "
+                     f"{report.spill_stores}/{report.spill_loads} | {report.shared_bytes} | "
+                     f"{','.join(map(str, report.load_bytes))} | {','.join(map(str, report.store_bytes))} | "
+                     f"{report.fma} |")
+    lines += ["", "| case (forward + backward) | Triton launches: kernel (grid) regs |", "|---|---|"]
+    for case in case_reports:
+        if case.error:
+            lines.append(f"| {case.case} | **failed**: {case.error} |")
+            continue
+        launches = "; ".join(f"{l['kernel']} {tuple(l['grid'][:2])} {kernels[l['hash']].registers}"
+                             for l in case.launches)
+        lines.append(f"| {case.case} | {launches} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one case per kernel variant family (the test suite's set)")
+    parser.add_argument("--json", metavar="FILE", help="write kernels and cases as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    args = parser.parse_args(argv)
+
+    fake = CompileOnlyDriver()
+    driver.set_active(fake)
+    from tokemb_fast import kernels as kernels_module
+    from tokemb_fast import triton_ops
+    assert not triton_ops.INTERPRETED
+
+    case_reports = []
+    started = time.perf_counter()
+    for label, shape, dtype, options in cases(args.quick):
+        report = CaseReport(label)
+        try:
+            report.launches = [asdict(launch) for launch in run_case(shape, dtype, options, fake)]
+        except Exception as exc:  # a compile failure: report it and go on with the other cases
+            report.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        case_reports.append(report)
+        print(f"[{time.perf_counter() - started:6.1f}s] {label}: "
+              f"{report.error or f'{len(report.launches)} launches'}", file=sys.stderr)
+    kernels = kernel_reports(kernels_module)
+
+    env = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
+           "target": f"sm_{TARGET.arch}a"}
+    text = markdown(kernels, case_reports, env)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"environment": env, "kernels": [asdict(k) for k in kernels.values()],
+                       "cases": [asdict(c) for c in case_reports]}, handle, indent=1, default=str)
+    failed = [c.case for c in case_reports if c.error]
+    spilled = [k.kernel for k in kernels.values() if k.spill_stores or k.spill_loads]
+    if failed or spilled:
+        print(f"compile_report: failed cases {failed}, spilling kernels {spilled}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
