@@ -18,8 +18,8 @@ One very frequent key (all ids equal, or Zipf's head) must not serialise a whole
 program. So the sorted order is also cut into CHUNK-sized pieces: segment_chunk_sums_kernel sums
 each piece that lies inside a single segment, in parallel. In the row kernel, short segments are
 summed for all the tile's rows at once, one entry per step; a long one is summed by its row with
-CHUNK-wide tile loads of its leading entries, of the partial sums of the pieces it covers, and of
-its trailing entries: a few dependent steps whatever the distribution. The summation order
+LONG_TILE-wide tile loads of its leading entries, of the partial sums of the pieces it covers, and
+of its trailing entries: a few dependent steps whatever the distribution. The summation order
 depends only on the sorted order, which is deterministic.
 
 Default positions (arange(T) + past_length, shared by every batch row) need no sort: the sorted
@@ -213,6 +213,7 @@ def embedding_grad_rows_kernel(
     ALIGNED4: tl.constexpr,
     CHUNK: tl.constexpr,
     SHORT: tl.constexpr,         # segments up to this long are summed across the tile's rows at once
+    LONG_TILE: tl.constexpr,     # entries (or chunk partials) per load when a row sums a longer one
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -241,10 +242,11 @@ def embedding_grad_rows_kernel(
                        stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len, past_length, dim,
                        dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS, BLOCK_D,
                        HAS_DROPOUT, ALIGNED4)
-    # A longer segment is summed by its row alone, CHUNK entries per load: its entries before the
-    # first whole chunk (head), the chunk kernel's partial sums of the whole chunks it covers, its
-    # entries after the last whole chunk (tail). Fixed order, so the result is deterministic, and
-    # about 2 + n/CHUNK^2 dependent steps for n entries, whatever the id distribution.
+    # A longer segment is summed by its row alone, LONG_TILE entries per load: its entries before
+    # the first whole chunk (head), the chunk kernel's partial sums of the whole chunks it covers,
+    # its entries after the last whole chunk (tail). Fixed order, so the result is deterministic,
+    # and about 2*CHUNK/LONG_TILE + n/(CHUNK*LONG_TILE) dependent steps for n entries, whatever the
+    # id distribution.
     if tl.max(tl.where(short, 0, end - start), axis=0) > 0:
         lanes = tl.arange(0, ROWS)
         for r in range(0, ROWS):
@@ -259,13 +261,13 @@ def embedding_grad_rows_kernel(
                 total = _sum_entry_tiles(row_start, head_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
                                          stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
                                          past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
-                                         IMPLICIT_POSITIONS, ACC_FP64, CHUNK, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+                                         IMPLICIT_POSITIONS, ACC_FP64, LONG_TILE, BLOCK_D, HAS_DROPOUT, ALIGNED4)
                 total += _sum_chunk_tiles(first_chunk, tl.where(has_chunks, end_chunk - first_chunk, 0), cols,
-                                          col_ok, chunk_sums_ptr, dim, CHUNK).to(total.dtype)
+                                          col_ok, chunk_sums_ptr, dim, LONG_TILE).to(total.dtype)
                 total += _sum_entry_tiles(tail_start, row_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
                                           stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
                                           past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
-                                          IMPLICIT_POSITIONS, ACC_FP64, CHUNK, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+                                          IMPLICIT_POSITIONS, ACC_FP64, LONG_TILE, BLOCK_D, HAS_DROPOUT, ALIGNED4)
                 acc += tl.where((lanes == r)[:, None], total[None, :], 0.0)
 
     if SCALE_BY_FREQ:

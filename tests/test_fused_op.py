@@ -87,6 +87,8 @@ def test_segment_splitting_boundaries():
     short = triton_ops.GRAD_SHORT
     lengths = [1, chunk - 1, chunk, chunk + 1, 2 * chunk - 1, 2 * chunk, 2 * chunk + 1, 3 * chunk + 5, 2, short - 1,
                short, short + 1, short + 2, 40 * chunk + 3]
+    # The longest covers more chunks than one long-path load takes, and heads/tails longer than one.
+    assert 40 > triton_ops.GRAD_LONG_TILE and chunk - 1 > triton_ops.GRAD_LONG_TILE
     ids = torch.cat([torch.full((n,), row) for row, n in enumerate(lengths)])
     ids = ids[torch.randperm(ids.numel())].reshape(1, -1).to(TRITON_DEVICE)
     check_against_oracle(ids, torch.float32, len(lengths) + 3, ids.shape[1], 8)

@@ -31,10 +31,16 @@ _define_op = custom_op if INTERPRETED else triton_op
 # backward (see kernels/backward.py). 32 keeps a piece's tile (32 x BLOCK_D fp32) in registers.
 GRAD_CHUNK = 32
 # Segments up to this many entries are summed for a whole tile of rows at once (one entry per
-# step); longer ones row by row, GRAD_CHUNK entries per load.
+# step); longer ones row by row, GRAD_LONG_TILE entries (or chunk partials) per load.
 GRAD_SHORT = 4
-# Elements of the output (forward) or of the gradient table (backward) one program owns: enough
-# 16-byte accesses per thread to keep memory busy, few enough to stay in registers.
+GRAD_LONG_TILE = 16
+# Gradient-table elements per program of the row kernel. ptxas figures for sm_90a
+# (bench/compile_report.py): with 4096 and 32-entry long-path loads the kernel used 240-255
+# registers and spilled in its dropout and unaligned-D variants; 2048 and 16 give 124-168
+# registers at gpt2-124M and no spills in any variant.
+GRAD_TILE = 2048
+# Elements of the output one forward program owns (the interpreter's fixed choice; autotuned
+# on a GPU): enough 16-byte accesses per thread to keep memory busy, few enough for registers.
 TILE = 4096
 SEARCH_BLOCK = 1024
 
@@ -60,7 +66,10 @@ def _block_d(dim: int, cap: int) -> int:
 
 def _forward_configs():
     # Autotuned on a GPU, keyed on D (and, implicitly, the dtypes): the tile size and warps.
-    return [triton.Config({"TILE": tile}, num_warps=warps) for tile in (2048, 4096, 8192) for warps in (4, 8)]
+    # At most 32 elements per thread: 8192 elements on 4 warps (64 per thread) took 220 registers
+    # with dropout and spilled for fp64 tables (bench/compile_report.py).
+    return [triton.Config({"TILE": tile}, num_warps=warps) for tile in (2048, 4096, 8192) for warps in (4, 8)
+            if tile // (32 * warps) <= 32]
 
 
 if INTERPRETED:
@@ -191,11 +200,16 @@ def embedding_dense_grad(
             BLOCK_D=chunk_block_d, ALIGNED4=_aligned4(dim, chunk_block_d), num_warps=4, **common,
         )
     block_d = _block_d(dim, 256)
-    rows_per_program = min(64, max(1, TILE // block_d))
+    # Triton vectorises only what it can prove aligned, i.e. when the integer D is divisible by 16.
+    # Otherwise every element is read with its own 64-bit address: half the tile keeps those in
+    # registers (ptxas spilled at D=100 otherwise).
+    tile = GRAD_TILE if dim % 16 == 0 else GRAD_TILE // 2
+    rows_per_program = min(64, max(1, tile // block_d))
     wrap_triton(embedding_grad_rows_kernel)[(triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d))](
         grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds, chunk_sums,
         num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor, *dropout,
-        SCALE_BY_FREQ=scale_grad_by_freq, SHORT=GRAD_SHORT, ROWS=rows_per_program, BLOCK_D=block_d,
+        SCALE_BY_FREQ=scale_grad_by_freq, SHORT=GRAD_SHORT, LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program,
+        BLOCK_D=block_d,
         ALIGNED4=_aligned4(dim, block_d), num_warps=4, **common,
     )
     return grad_table
