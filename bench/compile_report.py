@@ -242,22 +242,26 @@ def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
 
 def markdown(kernels: Dict[str, KernelReport], case_reports: List[CaseReport], env: dict) -> str:
     lines = [f"Compiled for sm_{TARGET.arch}a on {env['date']} with torch {env['torch']}, triton {env['triton']} "
-             f"(no GPU: `python bench/compile_report.py`).", "",
-             "| kernel | specialisation | warps | regs | spills (B) | smem (B) | ld widths (B) | st widths (B) | fma |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for report in sorted(kernels.values(), key=lambda r: (r.kernel, str(r.specialisation))):
-        spec = " ".join(f"{k}={v}" for k, v in report.specialisation.items())
-        lines.append(f"| {report.kernel} | {spec} | {report.num_warps} | {report.registers} | "
-                     f"{report.spill_stores}/{report.spill_loads} | {report.shared_bytes} | "
-                     f"{','.join(map(str, report.load_bytes))} | {','.join(map(str, report.store_bytes))} | "
-                     f"{report.fma} |")
-    lines += ["", "| case (forward + backward) | Triton launches: kernel (grid) regs |", "|---|---|"]
+             f"(no GPU: `python bench/compile_report.py`; every variant is in its `--json`).", "",
+             "| kernel | variants | registers | spills (B) | ld widths (B) | st widths (B) | fma |",
+             "|---|---|---|---|---|---|---|"]
+    by_name = collections.defaultdict(list)
+    for report in kernels.values():
+        by_name[report.kernel].append(report)
+    for name, reports in sorted(by_name.items()):
+        registers = [r.registers for r in reports]
+        widths = {kind: sorted(set().union(*(getattr(r, kind) for r in reports))) for kind in ("load_bytes", "store_bytes")}
+        lines.append(f"| {name} | {len(reports)} | {min(registers)}-{max(registers)} | "
+                     f"{max(r.spill_stores + r.spill_loads for r in reports)} | "
+                     f"{','.join(map(str, widths['load_bytes']))} | {','.join(map(str, widths['store_bytes']))} | "
+                     f"{max(r.fma for r in reports)} |")
+    lines += ["", "| case (forward + backward) | Triton launches: kernel (grid) registers |", "|---|---|"]
     for case in case_reports:
         if case.error:
             lines.append(f"| {case.case} | **failed**: {case.error} |")
             continue
-        launches = "; ".join(f"{l['kernel']} {tuple(l['grid'][:2])} {kernels[l['hash']].registers}"
-                             for l in case.launches)
+        launches = "; ".join(f"{launch['kernel']} {tuple(launch['grid'][:2])} {kernels[launch['hash']].registers}"
+                             for launch in case.launches)
         lines.append(f"| {case.case} | {launches} |")
     return "\n".join(lines) + "\n"
 
