@@ -13,11 +13,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _nvidia_backend_missing():
+    if torch.cuda.is_available():
+        # Device time is scarce; there, the other tests compile and run the real kernels.
+        return "a GPU is present: the CUDA tests compile and run the real kernels"
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
