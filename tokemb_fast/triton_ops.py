@@ -187,6 +187,10 @@ def embedding_dense_grad(
             bounds, sorted_keys, n_entries, num_rows, BLOCK=SEARCH_BLOCK, num_warps=4)
     acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     n_chunks = n_entries // GRAD_CHUNK
+    if implicit and batch < GRAD_CHUNK:
+        # Default positions' segments are B entries long, so none covers a whole chunk: the
+        # chunk kernel would find nothing to sum. Skip its launch (the row kernel reads no partial).
+        n_chunks = 0
     chunk_sums = torch.empty((max(n_chunks, 1), dim), dtype=acc_dtype, device=grad_out.device)
     strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
     dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
