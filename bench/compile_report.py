@@ -16,7 +16,10 @@ forward compiles all its configs: the stand-in benchmarker gives each the same t
 
 Run it in a process of its own (it replaces Triton's active driver) with TRITON_INTERPRET unset:
 
-    python bench/compile_report.py [--quick] [--json FILE] [--markdown FILE]
+    python bench/compile_report.py [--quick] [--fresh-cache] [--json FILE] [--markdown FILE]
+
+--fresh-cache compiles into an empty Triton cache so that the compile times it reports (per
+kernel, and for the forward's autotune configs) are real rather than cache hits.
 
 It exits non-zero if a kernel fails to compile or spills. Figures are compiler output, not
 timings: they say nothing about speed that a GPU measurement would not overrule.
@@ -107,6 +110,25 @@ class CompileOnlyDriver:
         return bench
 
 
+#: Seconds each compiled kernel (by hash) took to compile: Triton's front end, LLVM and ptxas.
+COMPILE_SECONDS: Dict[str, float] = {}
+
+
+def _time_compiles():
+    """Wrap triton.compile (JITFunction looks it up when it first binds a kernel) to time it."""
+    import triton.compiler
+
+    original = triton.compiler.compile
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        compiled = original(*args, **kwargs)
+        COMPILE_SECONDS[compiled.metadata.hash] = time.perf_counter() - started
+        return compiled
+
+    triton.compiler.compile = timed
+
+
 @dataclass
 class KernelReport:
     kernel: str
@@ -120,13 +142,14 @@ class KernelReport:
     load_bytes: List[int]      # distinct widths of global loads, in bytes per thread access
     store_bytes: List[int]
     fma: int                   # contracted multiply-adds (0: rounding as in the interpreter)
-    compile_s: float = 0.0
+    compile_s: float           # 0 when it came from Triton's on-disk cache (see --fresh-cache)
 
 
 @dataclass
 class CaseReport:
     case: str
     launches: List[dict] = field(default_factory=list)
+    tuning_hashes: List[str] = field(default_factory=list)  # the forward configs the autotuner tried
     error: Optional[str] = None
 
 
@@ -192,7 +215,7 @@ def kernel_reports(kernels_module) -> Dict[str, KernelReport]:
                     kernel=metadata.name, hash=metadata.hash, specialisation=shown,
                     num_warps=metadata.num_warps, shared_bytes=metadata.shared, **ptxas_usage(ptx),
                     load_bytes=access_widths(ptx, "ld"), store_bytes=access_widths(ptx, "st"),
-                    fma=len(re.findall(r"\bfma\.rn", ptx)))
+                    fma=len(re.findall(r"\bfma\.rn", ptx)), compile_s=COMPILE_SECONDS.get(metadata.hash, 0.0))
     return reports
 
 
@@ -237,42 +260,63 @@ def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
         options.get("scale_grad_by_freq", False), options.get("sparse", False), None, False, False,
         options.get("dropout_p", 0.0))
     out.backward(torch.empty_like(out))
-    return [launch for launch in fake.launches[start:] if not launch.tuning]
+    return fake.launches[start:]
 
 
 def markdown(kernels: Dict[str, KernelReport], case_reports: List[CaseReport], env: dict) -> str:
     lines = [f"Compiled for sm_{TARGET.arch}a on {env['date']} with torch {env['torch']}, triton {env['triton']} "
              f"(no GPU: `python bench/compile_report.py`; every variant is in its `--json`).", "",
-             "| kernel | variants | registers | spills (B) | ld widths (B) | st widths (B) | fma |",
-             "|---|---|---|---|---|---|---|"]
+             "| kernel | variants | registers | spills (B) | ld widths (B) | st widths (B) | fma "
+             "| compile s (median) |",
+             "|---|---|---|---|---|---|---|---|"]
     by_name = collections.defaultdict(list)
     for report in kernels.values():
         by_name[report.kernel].append(report)
     for name, reports in sorted(by_name.items()):
         registers = [r.registers for r in reports]
-        widths = {kind: sorted(set().union(*(getattr(r, kind) for r in reports))) for kind in ("load_bytes", "store_bytes")}
+        widths = {kind: sorted(set().union(*(getattr(r, kind) for r in reports)))
+                  for kind in ("load_bytes", "store_bytes")}
         lines.append(f"| {name} | {len(reports)} | {min(registers)}-{max(registers)} | "
                      f"{max(r.spill_stores + r.spill_loads for r in reports)} | "
                      f"{','.join(map(str, widths['load_bytes']))} | {','.join(map(str, widths['store_bytes']))} | "
-                     f"{max(r.fma for r in reports)} |")
-    lines += ["", "| case (forward + backward) | Triton launches: kernel (grid) registers |", "|---|---|"]
+                     f"{max(r.fma for r in reports)} | {_median_compile(reports)} |")
+    lines += ["", "| case (forward + backward) | Triton launches: kernel (grid) registers | forward autotune: "
+              "configs, compile s |", "|---|---|---|"]
     for case in case_reports:
         if case.error:
             lines.append(f"| {case.case} | **failed**: {case.error} |")
             continue
         launches = "; ".join(f"{launch['kernel']} {tuple(launch['grid'][:2])} {kernels[launch['hash']].registers}"
                              for launch in case.launches)
-        lines.append(f"| {case.case} | {launches} |")
+        tuning = [kernels[h] for h in case.tuning_hashes]
+        tuned = f"{len(tuning)}, {sum(k.compile_s for k in tuning):.1f}" if env["fresh_cache"] else f"{len(tuning)}, -"
+        lines.append(f"| {case.case} | {launches} | {tuned} |")
+    if env["fresh_cache"]:
+        lines += ["", f"Compile times: an empty Triton cache, on this machine's {env['cpus']} CPU cores (a GPU "
+                  "machine's host CPU may differ). The autotune column is the compile time of the configs the first "
+                  "forward call at a new (D, dtype) tries before timing them on the GPU (a process that already "
+                  "compiled the same specialisations for another D reuses them)."]
     return "\n".join(lines) + "\n"
+
+
+def _median_compile(reports) -> str:
+    times = sorted(r.compile_s for r in reports if r.compile_s > 0)
+    return f"{times[len(times) // 2]:.2f}" if times else "cached"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one case per kernel variant family (the test suite's set)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one case per kernel variant family (the test suite's set)")
     parser.add_argument("--json", metavar="FILE", help="write kernels and cases as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="compile into an empty Triton cache, so compile times are real (slower)")
     args = parser.parse_args(argv)
 
+    if args.fresh_cache:
+        triton.knobs.cache.dir = tempfile.mkdtemp(prefix="tokemb-triton-cache-")
+    _time_compiles()
     fake = CompileOnlyDriver()
     driver.set_active(fake)
     from tokemb_fast import kernels as kernels_module
@@ -284,7 +328,9 @@ def main(argv=None) -> int:
     for label, shape, dtype, options in cases(args.quick):
         report = CaseReport(label)
         try:
-            report.launches = [asdict(launch) for launch in run_case(shape, dtype, options, fake)]
+            launches = run_case(shape, dtype, options, fake)
+            report.launches = [asdict(launch) for launch in launches if not launch.tuning]
+            report.tuning_hashes = sorted({launch.hash for launch in launches if launch.tuning})
         except Exception as exc:  # a compile failure: report it and go on with the other cases
             report.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         case_reports.append(report)
@@ -293,7 +339,7 @@ def main(argv=None) -> int:
     kernels = kernel_reports(kernels_module)
 
     env = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
-           "target": f"sm_{TARGET.arch}a"}
+           "target": f"sm_{TARGET.arch}a", "fresh_cache": args.fresh_cache, "cpus": os.cpu_count()}
     text = markdown(kernels, case_reports, env)
     print(text)
     if args.markdown:
