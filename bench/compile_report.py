@@ -148,6 +148,7 @@ class KernelReport:
 @dataclass
 class CaseReport:
     case: str
+    outputs: int = 0  # B*T*D
     launches: List[dict] = field(default_factory=list)
     tuning_hashes: List[str] = field(default_factory=list)  # the forward configs the autotuner tried
     error: Optional[str] = None
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
     case_reports = []
     started = time.perf_counter()
     for label, shape, dtype, options in cases(args.quick):
-        report = CaseReport(label)
+        report = CaseReport(label, outputs=shape.batch * shape.seq_len * shape.dim)
         try:
             launches = run_case(shape, dtype, options, fake)
             report.launches = [asdict(launch) for launch in launches if not launch.tuning]

@@ -88,3 +88,15 @@ def test_launches_per_forward_and_backward(report):
         assert kernels[1:] == token + position, case
         for launch in case["launches"]:
             assert all(size >= 1 for size in launch["grid"])
+
+
+def test_forward_autotunes_only_large_calls(report):
+    from tokemb_fast.triton_ops import AUTOTUNE_MIN_ELEMENTS, TILE
+
+    for case in report["cases"]:
+        forward = report["by_hash"][case["launches"][0]["hash"]]
+        if case["outputs"] < AUTOTUNE_MIN_ELEMENTS:  # decode, D=100: the fixed config, nothing tried
+            assert case["tuning_hashes"] == [], case["case"]
+            assert forward["specialisation"]["TILE"] == TILE and forward["num_warps"] == 4, case["case"]
+    first = report["cases"][0]
+    assert first["outputs"] >= AUTOTUNE_MIN_ELEMENTS and len(first["tuning_hashes"]) == 5, first

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, requires_cuda
 from helpers import (FLOAT_DTYPES, assert_exact_within, exact_reference, id_distribution, poisoned_allocations,
                      random_tables)
 from tokemb_fast import FusedInputEmbeddingFunction, fused_input_embedding, triton_ops
@@ -42,6 +42,31 @@ def test_dtypes_and_shapes(dtype, id_dtype, batch_shape):
 def test_odd_embedding_dims(dim):
     ids = torch.randint(0, 11, (2, 9), device=TRITON_DEVICE)
     check_against_oracle(ids, torch.float32, 11, 12, dim)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autotuned_forward(dtype):
+    # Calls of at least AUTOTUNE_MIN_ELEMENTS outputs take the autotuned kernel on a GPU; every other
+    # test here (and the interpreter) runs the fixed config, which test_forward_config_choice pins.
+    batch, seq_len, dim = 4, 520, 512
+    assert batch * seq_len * dim >= triton_ops.AUTOTUNE_MIN_ELEMENTS
+    ids = torch.randint(0, 1000, (batch, seq_len), device=TRITON_DEVICE)
+    check_against_oracle(ids, dtype, 1000, seq_len, dim)
+    with_dropout = fused_input_embedding(ids, *random_tables(1000, seq_len, dim, dtype, TRITON_DEVICE),
+                                         dropout_p=0.5, backend="triton")
+    assert 0.45 < (with_dropout == 0).double().mean().item() < 0.55
+
+
+def test_forward_config_choice():
+    kernel, config = triton_ops._forward_launch(triton_ops.AUTOTUNE_MIN_ELEMENTS - 1)
+    assert kernel is triton_ops.input_embedding_fwd_kernel and config == {"TILE": triton_ops.TILE, "num_warps": 4}
+    kernel, config = triton_ops._forward_launch(triton_ops.AUTOTUNE_MIN_ELEMENTS)
+    if triton_ops.INTERPRETED:  # the interpreter never autotunes
+        assert kernel is triton_ops.input_embedding_fwd_kernel
+    else:
+        assert kernel is not triton_ops.input_embedding_fwd_kernel and config == {}
+        assert kernel.fn is triton_ops.input_embedding_fwd_kernel
 
 
 @pytest.mark.parametrize("mode", ["past_length", "shared", "shared_1xT", "per_row", "repeated"])

@@ -39,8 +39,9 @@ GRAD_LONG_TILE = 16
 # registers and spilled in its dropout and unaligned-D variants; 2048 and 16 give 124-168
 # registers at gpt2-124M and no spills in any variant.
 GRAD_TILE = 2048
-# Elements of the output one forward program owns (the interpreter's fixed choice; autotuned
-# on a GPU): enough 16-byte accesses per thread to keep memory busy, few enough for registers.
+# Elements of the output one forward program owns in the fixed config (the interpreter's, and
+# small calls' on a GPU; larger calls are autotuned): enough 16-byte accesses per thread to keep
+# memory busy, few enough for registers.
 TILE = 4096
 SEARCH_BLOCK = 1024
 
@@ -72,12 +73,21 @@ def _forward_configs():
             if tile // (32 * warps) <= 32]
 
 
-if INTERPRETED:
-    _forward_kernel = input_embedding_fwd_kernel
-    _FORWARD_FIXED = {"TILE": TILE, "num_warps": 4}
-else:
-    _forward_kernel = triton.autotune(configs=_forward_configs(), key=["dim"])(input_embedding_fwd_kernel)
-    _FORWARD_FIXED = {}
+# Below this many output elements the forward is launch-bound (a few microseconds on an H100):
+# the tile choice cannot matter there, while autotuning would cost every new (D, dtype) five
+# compiles and five timed runs on its first call (the decode shape, and every small test shape).
+# Such calls, and all calls under the interpreter, take the fixed config.
+AUTOTUNE_MIN_ELEMENTS = 1 << 20
+_FIXED_FORWARD_CONFIG = {"TILE": TILE, "num_warps": 4}
+_autotuned_forward = None if INTERPRETED else \
+    triton.autotune(configs=_forward_configs(), key=["dim"])(input_embedding_fwd_kernel)
+
+
+def _forward_launch(n_elements: int):
+    """(kernel, meta-parameters the launch passes) for a forward of n_elements outputs."""
+    if _autotuned_forward is None or n_elements < AUTOTUNE_MIN_ELEMENTS:
+        return input_embedding_fwd_kernel, _FIXED_FORWARD_CONFIG
+    return _autotuned_forward, {}
 
 
 def _dropout_args(dropout_p, dropout_seed, dropout_scale, placeholder):
@@ -124,11 +134,12 @@ def input_embedding_forward(
     # The kernel never reads position_ids when has_position_ids is False; any pointer will do.
     pos_ids = position_ids if has_position_ids else input_ids
     block_d = _block_d(dim, 1024)
+    kernel, fixed_config = _forward_launch(n_rows * dim)
 
     def grid(meta):
         return (triton.cdiv(n_rows, max(1, meta["TILE"] // block_d)), triton.cdiv(dim, block_d))
 
-    wrap_triton(_forward_kernel)[grid](
+    wrap_triton(kernel)[grid](
         out,
         input_ids, _batch_stride(input_ids), input_ids.stride(1),
         pos_ids, _batch_stride(pos_ids), pos_ids.stride(1),
@@ -141,7 +152,7 @@ def input_embedding_forward(
         ALIGNED4=_aligned4(dim, block_d),
         ACC_FP64=token_weight.dtype == torch.float64,
         BLOCK_D=block_d,
-        **_FORWARD_FIXED,
+        **fixed_config,
     )
     return out
 
