@@ -47,11 +47,15 @@ def test_inputs_are_random_and_in_range(ids):
 @pytest.mark.skipif(not triton_ops.INTERPRETED, reason="drives the fused rows through the interpreter")
 def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    saved_counts = []
     rows = bench.run_cuda([TINY, TINY_DECODE], ["fp32", "bf16"], list(bench.MODES),
                           ["fused", "fused-checked", "eager", "floor", "fused+dropout", "eager+dropout", "hf-eager",
                            "hf-swapped"],
                           ["uniform", "equal"],
-                          progress=lambda line: None, device=TRITON_DEVICE, timer=host_timer)
+                          progress=lambda line: None, device=TRITON_DEVICE, timer=host_timer,
+                          on_group=lambda rows_so_far: saved_counts.append(len(rows_so_far)))
+    # Called after each shape and dtype (what `bench --json` saves as it goes), with all rows so far.
+    assert len(saved_counts) == 4 and saved_counts == sorted(set(saved_counts)) and saved_counts[-1] == len(rows)
     impls = {(r.shape, r.dtype, r.mode, r.impl, r.ids) for r in rows}
     assert ("tiny", "bf16", "fwd+bwd", "fused", "equal") in impls
     assert ("tiny", "fp32", "fwd", "floor", "-") in impls

@@ -230,9 +230,11 @@ def _peak_extra_mb(fn, device) -> float:
 
 
 def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: List[str], ids: List[str],
-             progress: Callable[[str], None] = print, device=None, timer: Callable = None) -> List[Row]:
+             progress: Callable[[str], None] = print, device=None, timer: Callable = None,
+             on_group: Optional[Callable[[List[Row]], None]] = None) -> List[Row]:
     """Measure on a GPU. device and timer exist so that tests can drive this on CPU tensors
-    (kernels interpreted, host-clock timer, no memory statistics)."""
+    (kernels interpreted, host-clock timer, no memory statistics). on_group is called with all rows
+    so far after each shape and dtype, so that a run cut short still leaves its results."""
     device = torch.device("cuda") if device is None else torch.device(device)
     timer = _median_ms_cuda if timer is None else timer
     on_cuda = device.type == "cuda"
@@ -273,6 +275,8 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                     del inputs
                 if on_cuda:
                     torch.cuda.empty_cache()
+            if on_group is not None:
+                on_group(rows)
     return rows
 
 

@@ -132,7 +132,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         print(f"tokemb-fast bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']})")
         print("median ms of triton.testing.do_bench; floor = device copy of the bytes the op must move")
-        rows = bench.run_cuda(shapes, args.dtypes, args.modes, args.impls, args.ids)
+        # With --json, the file is rewritten after each shape and dtype: a run stopped by a time
+        # limit still leaves what it measured.
+        save_partial = (lambda rows_so_far: bench.save_json(rows_so_far, args.json, env)) if args.json else None
+        rows = bench.run_cuda(shapes, args.dtypes, args.modes, args.impls, args.ids, on_group=save_partial)
     else:
         print("No CUDA device: this measures ONLY the plain-PyTorch fallback on the CPU "
               f"({env['device']}, torch {env['torch']}). No Triton kernel, no floor and no torch.compile "
