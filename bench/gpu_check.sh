@@ -25,10 +25,14 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 # rewrites its JSON after every shape and dtype, so one cut short by its limit keeps what it
 # measured; shapes run in order of importance (the targets' shapes first).
 status=0
-# Every new dim/dtype/option mix compiles its kernels on a GPU: 60 hypothesis examples instead of
-# 200, and the slowest tests listed so the next run can be trimmed further.
-TOKEMB_FAST_HYPOTHESIS_EXAMPLES=60 timeout 180 python3 -m pytest -q --maxfail=10 -p no:cacheprovider --durations=15 tests \
-  2>&1 | tee "$OUT/tests.log"
+# On a GPU most of the suite's time is Triton compiling each new kernel specialisation (about 350
+# distinct ones, counted under the interpreter on 2026-11-27; 0.2-1 s each), one at a time per
+# process. So: pytest-xdist's 8 processes when it is installed (the device image has it), 60
+# hypothesis examples instead of 200, and the slowest tests listed for the next run.
+xdist=""
+python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+TOKEMB_FAST_HYPOTHESIS_EXAMPLES=60 timeout 180 python3 -m pytest -q $xdist --maxfail=10 -p no:cacheprovider \
+  --durations=15 tests 2>&1 | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ "${1:-}" = "--quick" ]; then
