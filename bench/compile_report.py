@@ -11,8 +11,9 @@ Triton's NVIDIA backend and its bundled ptxas run on any x86 machine, so this sc
 every kernel variant the launchers ask for at the benchmark shapes, for sm_90a (H100/H200),
 and reports those facts. It runs the real autograd path (FusedInputEmbeddingFunction forward
 and backward on CPU tensors that are never filled) under a stand-in Triton driver that names
-an sm_90 target and records each launch (kernel, grid) instead of running it. The autotuned
-forward compiles all its configs: the stand-in benchmarker gives each the same time.
+an sm_90 target and records each launch (kernel, grid) instead of running it. A forward large
+enough to be autotuned compiles all its configs: the stand-in benchmarker gives each the same
+time, so the first is kept.
 
 Run it in a process of its own (it replaces Triton's active driver) with TRITON_INTERPRET unset:
 
