@@ -150,7 +150,10 @@ class KernelReport:
 class CaseReport:
     case: str
     batch: int = 0
+    dim: int = 0
     outputs: int = 0  # B*T*D
+    explicit_positions: bool = False  # position_ids given (else the default arange positions)
+    sparse: bool = False              # sparse token gradient
     launches: List[dict] = field(default_factory=list)
     tuning_hashes: List[str] = field(default_factory=list)  # the forward configs the autotuner tried
     error: Optional[str] = None
@@ -210,10 +213,9 @@ def kernel_reports(kernels_module) -> Dict[str, KernelReport]:
                 constants = {jit_function.arg_names[key[0]]: value for key, value in compiled.src.constants.items()
                              if len(key) == 1}
                 ptx = compiled.asm["ptx"]
-                dtypes = {name: ty for name, ty in compiled.src.signature.items()
-                          if isinstance(ty, str) and ty.startswith("*")}
                 shown = {name: constants[name] for name in _SHOWN if name in constants}
-                shown["pointers"] = ",".join(sorted(set(t[1:] for t in dtypes.values())))
+                shown["pointers"] = ",".join(sorted({ty[1:] for ty in compiled.src.signature.values()
+                                                     if isinstance(ty, str) and ty.startswith("*")}))
                 reports[metadata.hash] = KernelReport(
                     kernel=metadata.name, hash=metadata.hash, specialisation=shown,
                     num_warps=metadata.num_warps, shared_bytes=metadata.shared, **ptxas_usage(ptx),
@@ -246,6 +248,10 @@ def cases(quick: bool):
     yield "D=100 bfloat16 dropout, sparse token grad", odd, torch.bfloat16, {"dropout_p": 0.1, "sparse": True}
 
 
+def _explicit_positions(shape, options) -> bool:
+    return shape.random_positions or options.get("position_ids", False)
+
+
 def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
     from tokemb_fast.functional import FusedInputEmbeddingFunction
 
@@ -254,7 +260,7 @@ def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
     if options.get("int32"):
         ids = ids.to(torch.int32)
     position_ids = None
-    if shape.random_positions or options.get("position_ids"):
+    if _explicit_positions(shape, options):
         position_ids = torch.randint(0, shape.context_length, (shape.batch, shape.seq_len), generator=generator)
     # Never filled: nothing runs, so only shapes, dtypes and alignment matter (and untouched
     # pages of a 2 GB table cost nothing).
@@ -332,7 +338,9 @@ def main(argv=None) -> int:
     case_reports = []
     started = time.perf_counter()
     for label, shape, dtype, options in cases(args.quick):
-        report = CaseReport(label, batch=shape.batch, outputs=shape.batch * shape.seq_len * shape.dim)
+        report = CaseReport(label, batch=shape.batch, dim=shape.dim, outputs=shape.batch * shape.seq_len * shape.dim,
+                            explicit_positions=_explicit_positions(shape, options),
+                            sparse=options.get("sparse", False))
         try:
             launches = run_case(shape, dtype, options, fake)
             report.launches = [asdict(launch) for launch in launches if not launch.tuning]
