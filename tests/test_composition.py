@@ -86,8 +86,8 @@ def test_autocast_behaves_as_nn_embedding(backend, autocast_dtype, table_dtype):
             torch.testing.assert_close(ours.weight.grad.double(), exact, **TOLERANCES[table_dtype])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the captured maths (forward, "
-                    "backward, dropout) is checked on CPU by test_fused_op and test_dropout")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; on CPU, test_capturable checks "
+                    "the step has no host sync and static shapes, test_fused_op and test_dropout its maths")
 def test_cuda_graph_capture_and_replay_forward_and_backward():
     # With check_ids=False nothing syncs with the host, so forward and backward can be captured.
     torch.manual_seed(0)
