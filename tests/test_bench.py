@@ -104,3 +104,21 @@ def test_cli_bench_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--shapes", "gpt5"])
     assert "choose from seed, gpt2-124M" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not triton_ops.INTERPRETED, reason="drives the fused rows through the interpreter")
+def test_compile_rows_are_timed_and_compared(monkeypatch):
+    # The torch.compile baselines compile plain PyTorch (no Triton kernel of ours), so Inductor's
+    # CPU backend runs them here: the same code path as on a GPU, with a C++ compiler instead.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    impls = ["fused", "compile", "fused+dropout", "compile+dropout"]
+    rows = bench.run_cuda([TINY], ["fp32"], list(bench.MODES), impls, ["uniform"], progress=lambda line: None,
+                          device=TRITON_DEVICE, timer=host_timer)
+    assert sorted((r.mode, r.impl) for r in rows) == sorted((m, i) for m in bench.MODES for i in impls)
+    pick = {(r.impl, r.mode): r for r in rows}
+    table = bench.format_table(rows)
+    for fused, compiled in (("fused", "compile"), ("fused+dropout", "compile+dropout")):
+        for mode in bench.MODES:
+            line = next(l for l in table.splitlines() if l.startswith(f"| {mode} | {fused} |"))
+            ratio = pick[(compiled, mode)].ms / pick[(fused, mode)].ms
+            assert line.split("|")[8].strip() == f"{ratio:.2f}x", line  # the "vs compile" column
