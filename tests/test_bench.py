@@ -122,3 +122,29 @@ def test_compile_rows_are_timed_and_compared(monkeypatch):
             line = next(l for l in table.splitlines() if l.startswith(f"| {mode} | {fused} |"))
             ratio = pick[(compiled, mode)].ms / pick[(fused, mode)].ms
             assert line.split("|")[8].strip() == f"{ratio:.2f}x", line  # the "vs compile" column
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite itself runs (bench/gpu_check.sh)")
+def test_pytest_benchmark_suite_runs_at_a_tiny_shape_on_cpu(tmp_path):
+    # The CUDA suite skips on CPU; its smoke mode runs every case once at a tiny shape through the
+    # interpreted kernels and Inductor's CPU backend, so the suite is known to work before a GPU
+    # session spends device time on it.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TOKEMB_FAST_BENCH_SMOKE="1", TRITON_INTERPRET="1", TOKEMB_FAST_BACKEND="auto")
+    saved = tmp_path / "benchmarks.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_embedding.py",
+         f"--benchmark-json={saved}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    cases = 3 * 2 * (3 + len(bench.DROPOUT_IMPLS))  # modes x dtypes x implementations, one shape
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{cases} passed" in result.stdout, result.stdout[-2000:]
+    benchmarks = json.loads(saved.read_text())["benchmarks"]
+    assert len(benchmarks) == cases
+    groups = {b["group"] for b in benchmarks}
+    assert groups == {f"tiny {d} {m}" for d in ("fp32", "bf16") for m in ("fwd", "bwd", "fwd+bwd")}
+    assert all(b["extra_info"]["bytes_moved"] > 0 for b in benchmarks)
