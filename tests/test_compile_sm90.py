@@ -5,7 +5,9 @@ kernel variant compiles, nothing spills to local memory, the forward moves table
 in 16-byte accesses, no multiply-add was contracted into an FMA (so the GPU rounds exactly as
 the interpreter does), and each call launches the kernels the design says. It runs
 bench/compile_report.py in a process of its own (it replaces Triton's driver, and the kernels
-must be compiled rather than interpreted).
+must be compiled rather than interpreted). The same way, tests/trace_triton_ops.py checks that
+torch.compile(fullgraph=True) traces into the GPU path's triton_ops (the interpreter's ops are
+opaque custom ops, so the other CPU compile tests cannot see this).
 """
 import json
 import os
@@ -104,3 +106,47 @@ def test_forward_autotunes_only_large_calls(report):
             assert forward["specialisation"]["TILE"] == TILE and forward["num_warps"] == 4, case["case"]
     first = report["cases"][0]
     assert first["outputs"] >= AUTOTUNE_MIN_ELEMENTS and len(first["tuning_hashes"]) == 5, first
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    missing = _nvidia_backend_missing()
+    if missing:
+        pytest.skip(missing)
+    path = tmp_path_factory.mktemp("trace") / "graphs.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "trace_triton_ops.py"), str(path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # fullgraph=True: a graph break anywhere is an exception, so a non-zero exit.
+    assert result.returncode == 0 and path.exists(), result.stderr[-4000:]
+    return json.loads(path.read_text())
+
+
+def test_compile_traces_into_the_gpu_ops_fullgraph(traced):
+    # The GPU path's triton_ops under Dynamo + AOT autograd (what Inductor starts from): each is
+    # decomposed into its kernels as graph nodes, nothing opaque is left, and one forward and one
+    # backward graph serve every call of a case (a new seq_len under dynamic=True included).
+    bounds, chunks, rows = "triton:segment_bounds_kernel", "triton:segment_chunk_sums_kernel", \
+        "triton:embedding_grad_rows_kernel"
+    expected_backward = {  # per table: sort, bounds, chunk sums when a whole chunk exists, rows
+        "dropout, padding_idx, scale_grad_by_freq": [bounds, rows, rows],  # 15 ids, default positions
+        "position_ids [B, T]": [bounds, rows, bounds, rows],
+        "past_length, dynamic seq_len": [bounds, rows, rows],
+        "autotuned forward": [bounds, chunks, rows, rows],  # 1024 ids; B = 1 < 32: no position chunks
+        "swapped GPTModel": [bounds, chunks, rows, rows],
+        "swapped GPT2LMHeadModel": [bounds, chunks, rows, bounds, chunks, rows],  # HF passes [1, T] positions
+    }
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        del expected_backward["swapped GPT2LMHeadModel"]
+    assert set(traced) == set(expected_backward)
+    for case, graphs in traced.items():
+        assert len(graphs) == 2, (case, len(graphs))
+        forward, backward = graphs
+        assert not any(target.startswith("tokemb_fast") for target in forward + backward), case
+        forward_kernels = [t for t in forward if t.startswith("triton:")]
+        autotuned = case == "autotuned forward"  # 2^20 outputs; smaller calls take the fixed config
+        assert forward_kernels == ["triton:" + ("autotuned:" if autotuned else "") + "input_embedding_fwd_kernel"]
+        assert [t for t in backward if t.startswith("triton:")] == expected_backward[case], case
+        assert backward.count("aten::sort.stable") == expected_backward[case].count(bounds), case
