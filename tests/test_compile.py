@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE, requires_cuda
+from helpers import TOLERANCES
 from tokemb_fast import FusedInputEmbedding, triton_ops
 
 
@@ -17,7 +18,7 @@ def loss_fn(module):
     return loss
 
 
-def compare_compiled(module, compile_backend, dynamic, calls):
+def compare_compiled(module, compile_backend, dynamic, calls, exact_grads=True):
     eager = loss_fn(module)
     compiled = torch.compile(eager, backend=compile_backend, fullgraph=True, dynamic=dynamic)
     for kwargs in calls:
@@ -30,7 +31,10 @@ def compare_compiled(module, compile_backend, dynamic, calls):
         expected.backward()
         torch.testing.assert_close(got, expected)
         for ours, theirs in zip(got_grads, (p.grad for p in module.parameters())):
-            assert torch.equal(ours, theirs), "compiled and eager gradients differ"
+            if exact_grads:
+                assert torch.equal(ours, theirs), "compiled and eager gradients differ"
+            else:
+                torch.testing.assert_close(ours, theirs, **TOLERANCES[theirs.dtype])
 
 
 def calls(device):
@@ -57,7 +61,9 @@ def test_fullgraph_aot_eager_through_the_kernels(dynamic, monkeypatch):
 def test_fullgraph_inductor_on_cuda(dtype):
     torch._dynamo.reset()
     module = FusedInputEmbedding(50, 16, 64, device="cuda", dtype=dtype)
-    compare_compiled(module, "inductor", None, calls("cuda"))
+    # Inductor fuses the loss's backward its own way, so the upstream gradient reaching our
+    # kernels may differ from eager's in the last bit: gradients compared within one rounding.
+    compare_compiled(module, "inductor", None, calls("cuda"), exact_grads=False)
 
 
 def test_opcheck_forward_and_grad_ops():

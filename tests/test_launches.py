@@ -41,11 +41,13 @@ def test_unchecked_forward_is_one_op(positions):
 
 
 def test_checked_forward_adds_one_reduction_per_tensor_and_one_sync():
-    # aminmax per id tensor, one stack, then a single .tolist() (the one device-to-host copy,
-    # which reads memory directly and dispatches no op), then the forward itself.
+    # aminmax per id tensor, one stack, then a single .tolist() (the one device-to-host copy:
+    # on a GPU, tolist copies to the CPU through one _to_copy; a CPU tensor's memory it reads
+    # directly, dispatching nothing), then the forward itself.
+    to_host = ["aten._to_copy.default"] if TRITON_DEVICE.type == "cuda" else []
     assert forward_ops(check_ids=True) == [
-        "aten.aminmax.default", "aten.stack.default", "tokemb_fast.input_embedding_forward.default"]
+        "aten.aminmax.default", "aten.stack.default", *to_host, "tokemb_fast.input_embedding_forward.default"]
     position_ids = torch.randint(0, 16, (64, 1), device=TRITON_DEVICE)
     assert forward_ops(check_ids=True, position_ids=position_ids) == [
-        "aten.aminmax.default", "aten.aminmax.default", "aten.stack.default",
+        "aten.aminmax.default", "aten.aminmax.default", "aten.stack.default", *to_host,
         "tokemb_fast.input_embedding_forward.default"]
