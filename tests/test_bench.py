@@ -134,7 +134,10 @@ def test_pytest_benchmark_suite_runs_at_a_tiny_shape_on_cpu(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TOKEMB_FAST_BENCH_SMOKE="1", TRITON_INTERPRET="1", TOKEMB_FAST_BACKEND="auto")
+    # Without this run's PYTEST_* variables: under pytest-xdist, PYTEST_XDIST_WORKER would make the
+    # inner pytest-benchmark think it is an xdist worker and skip saving.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(TOKEMB_FAST_BENCH_SMOKE="1", TRITON_INTERPRET="1", TOKEMB_FAST_BACKEND="auto")
     saved = tmp_path / "benchmarks.json"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_embedding.py",
@@ -143,6 +146,7 @@ def test_pytest_benchmark_suite_runs_at_a_tiny_shape_on_cpu(tmp_path):
     cases = 3 * 2 * (3 + len(bench.DROPOUT_IMPLS))  # modes x dtypes x implementations, one shape
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{cases} passed" in result.stdout, result.stdout[-2000:]
+    assert saved.exists(), result.stdout[-3000:] + result.stderr[-2000:]
     benchmarks = json.loads(saved.read_text())["benchmarks"]
     assert len(benchmarks) == cases
     groups = {b["group"] for b in benchmarks}
