@@ -34,15 +34,21 @@ def _nvidia_backend_missing():
     return None
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def _run_compiled(script, *args):
+    """Run a script of this repository in a process of its own, kernels compiled for sm_90a
+    (TRITON_INTERPRET unset); skip when this Triton cannot compile for it."""
     missing = _nvidia_backend_missing()
     if missing:
         pytest.skip(missing)
-    path = tmp_path_factory.mktemp("sm90") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_report.py"), "--quick",
-                             "--json", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sm90") / "report.json"
+    result = _run_compiled(os.path.join("bench", "compile_report.py"), "--quick", "--json", str(path))
     assert path.exists(), result.stderr[-4000:]
     data = json.loads(path.read_text())
     data["returncode"], data["stderr"] = result.returncode, result.stderr
@@ -111,13 +117,8 @@ def test_forward_autotunes_only_large_calls(report):
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
-    missing = _nvidia_backend_missing()
-    if missing:
-        pytest.skip(missing)
     path = tmp_path_factory.mktemp("trace") / "graphs.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "trace_triton_ops.py"), str(path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = _run_compiled(os.path.join("tests", "trace_triton_ops.py"), str(path))
     # fullgraph=True: a graph break anywhere is an exception, so a non-zero exit.
     assert result.returncode == 0 and path.exists(), result.stderr[-4000:]
     return json.loads(path.read_text())
