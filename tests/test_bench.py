@@ -4,7 +4,10 @@ The numbers here mean nothing; what is checked is that every implementation is t
 the same floor, that the derived columns are computed from the rows, and that the outputs exist.
 """
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -129,10 +132,6 @@ def test_pytest_benchmark_suite_runs_at_a_tiny_shape_on_cpu(tmp_path):
     # The CUDA suite skips on CPU; its smoke mode runs every case once at a tiny shape through the
     # interpreted kernels and Inductor's CPU backend, so the suite is known to work before a GPU
     # session spends device time on it.
-    import os
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Without this run's PYTEST_* variables: under pytest-xdist, PYTEST_XDIST_WORKER would make the
     # inner pytest-benchmark think it is an xdist worker and skip saving.
