@@ -1,53 +1,82 @@
 #!/usr/bin/env bash
-# One device-time-budgeted check on a lent GPU machine (H100/H200), in a few minutes:
-#   1. install the package (offline: --no-deps --no-build-isolation; the image has torch/triton),
-#   2. the test suite on CUDA (real compiled kernels, Inductor compile tests, 64-bit offsets),
-#   3. the full benchmark table (fused / eager / compile / floor, every shape, fp32 + bf16),
-#      plus the skewed id distributions at gpt2-124M, the fused-dropout rows and Hugging Face
-#      GPT2Model's embedding before/after swap_input_embeddings (what the swap saves there).
-# Logs, JSON and the plot go to $OUT (the device tool's output folder) or /tmp/tokemb-gpu.
-# Usage: bash bench/gpu_check.sh [--quick]   (--quick: tests + gpt2-124M only)
+# One device-time-budgeted check on a lent GPU machine (H100/H200), in a few minutes.
+#   bash bench/gpu_check.sh                 # every step below, in this order
+#   bash bench/gpu_check.sh tests bench-124M  # only the steps named
+# Steps (each with its own time limit; the seconds are that limit):
+#   tests       (200) the test suite on CUDA: real compiled kernels, Inductor compile tests,
+#                     CUDA-graph capture, 64-bit offsets; the slowest tests listed
+#   example      (60) examples/train_gpt2.py at GPT-2 124M, swapped and not (tokens/s of each)
+#   bench-124M  (100) gpt2-124M: fused / eager / compile / floor, dropout rows, and Hugging Face
+#                     GPT2Model's embedding before/after swap_input_embeddings
+#   bench-big    (70) the big shape (Llama-3-like table), plain rows
+#   bench-skew   (40) Zipf and all-equal ids at gpt2-124M, forward+backward
+#   bench-rest   (90) gpt2-xl, decode and seed, plain rows
+#   bench-suite  (90) the pytest-benchmark suite (bench/bench_embedding.py) at the seed shape
+# One log (gpu_check.log) and a JSON file per bench step go to $OUT (the device tool's output
+# folder, which brings back at most 8 files) or /tmp/tokemb-gpu; the installed package is this
+# checkout (pip -e, offline: the image has torch, triton and the test tools).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tokemb-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests example bench-124M bench-big bench-skew bench-rest bench-suite)
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-  || { cat "$OUT/install.log"; exit 1; }
+for step in "${steps[@]}"; do
+  case $step in tests|example|bench-124M|bench-big|bench-skew|bench-rest|bench-suite) ;; *) echo "unknown step $step"; exit 2 ;; esac
+done
+LOG=$OUT/gpu_check.log
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
 {
   date -u +%Y-%m-%dT%H:%MZ
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-} | tee "$OUT/env.txt"
+} | tee -a "$LOG"
 
-# Time limits add up to under 10 minutes (the device tool's per-command limit). Each bench
-# rewrites its JSON after every shape and dtype, so one cut short by its limit keeps what it
-# measured; shapes run in order of importance (the targets' shapes first).
 status=0
-# On a GPU most of the suite's time is Triton compiling each new kernel specialisation (about 350
-# distinct ones, counted under the interpreter on 2026-11-27; 0.2-1 s each), one at a time per
-# process. So: pytest-xdist's 8 processes when it is installed (the device image has it), 60
-# hypothesis examples instead of 200, and the slowest tests listed for the next run.
-xdist=""
-python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
-TOKEMB_FAST_HYPOTHESIS_EXAMPLES=60 timeout 180 python3 -m pytest -q $xdist --maxfail=10 -p no:cacheprovider \
-  --durations=15 tests 2>&1 | tee "$OUT/tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+summary=()
+run_step() {  # name, time limit (s), command...
+  local name=$1 limit=$2 started=$SECONDS rc
+  shift 2
+  echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || status=1
+  summary+=("$name: rc $rc, $((SECONDS - started)) s")
+}
 
-if [ "${1:-}" = "--quick" ]; then
-  shapes=gpt2-124M
-else
-  shapes=gpt2-124M,big,gpt2-xl,decode,seed
-fi
-timeout 240 tokemb-fast bench --shapes "$shapes" --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 \
-  | tee "$OUT/bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 60 tokemb-fast bench --shapes gpt2-124M --ids zipf,equal --impls fused,eager --modes fwd+bwd \
-  --json "$OUT/bench-skew.json" 2>&1 | tee "$OUT/bench-skew.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 90 tokemb-fast bench --shapes gpt2-124M,big \
-  --impls fused,fused+dropout,eager+dropout,compile+dropout,hf-eager,hf-swapped \
-  --json "$OUT/bench-dropout.json" 2>&1 | tee "$OUT/bench-dropout.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for step in "${steps[@]}"; do
+  case $step in
+    tests)
+      # Most of the suite's GPU time is Triton compiling each new kernel specialisation, one at a
+      # time per process: so xdist's processes, 60 hypothesis examples instead of 200, and a
+      # per-test limit so that one hang cannot take the whole step.
+      extra=()
+      python3 -c "import xdist" 2>/dev/null && extra+=(-n 12)
+      python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
+      # One Inductor compile thread per test process: 12 processes already share 16 cores.
+      TORCHINDUCTOR_COMPILE_THREADS=1 TOKEMB_FAST_HYPOTHESIS_EXAMPLES=60 run_step tests 200 \
+        python3 -m pytest -q -rfE "${extra[@]}" -p no:cacheprovider --durations=15 tests ;;
+    example)
+      run_step example 60 bash -c \
+        'python3 examples/train_gpt2.py --steps 30 && python3 examples/train_gpt2.py --steps 30 --no-swap' ;;
+    bench-124M)
+      run_step bench-124M 100 tokemb-fast bench --shapes gpt2-124M \
+        --impls fused,fused-checked,eager,compile,floor,fused+dropout,eager+dropout,compile+dropout,hf-eager,hf-swapped \
+        --json "$OUT/bench-124M.json" ;;
+    bench-big)
+      run_step bench-big 70 tokemb-fast bench --shapes big --json "$OUT/bench-big.json" ;;
+    bench-skew)
+      run_step bench-skew 40 tokemb-fast bench --shapes gpt2-124M --ids zipf,equal \
+        --impls fused,eager --modes fwd+bwd --json "$OUT/bench-skew.json" ;;
+    bench-rest)
+      run_step bench-rest 90 tokemb-fast bench --shapes gpt2-xl,decode,seed \
+        --json "$OUT/bench-rest.json" ;;
+    bench-suite)
+      run_step bench-suite 90 python3 -m pytest -q -p no:cacheprovider bench/bench_embedding.py -k seed \
+        --benchmark-json "$OUT/bench-suite.json" ;;
+  esac
+done
+printf '%s\n' "${summary[@]}" | tee -a "$LOG"
 exit $status

@@ -82,6 +82,21 @@ def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
     assert saved["environment"]["torch"] == torch.__version__ and len(saved["rows"]) == len(rows)
 
 
+def test_a_failing_row_is_reported_and_the_run_goes_on(monkeypatch):
+    # On a lent GPU the whole table runs once: one broken implementation must not cost the rest.
+    def broken(*args):
+        raise RuntimeError("no kernel for this\nsecond line")
+    monkeypatch.setattr(bench, "_hf_eager", broken)
+    failures = []
+    rows = bench.run_cuda([TINY], ["fp32"], ["fwd"], ["hf-eager", "eager"], ["uniform"], progress=lambda line: None,
+                          device="cpu", timer=host_timer, failures=failures)
+    assert failures == ["tiny fp32 fwd hf-eager uniform: RuntimeError: no kernel for this"]
+    assert [r.impl for r in rows] == ["eager"]
+    with pytest.raises(RuntimeError, match="no kernel for this"):  # without a failures list: raised
+        bench.run_cuda([TINY], ["fp32"], ["fwd"], ["hf-eager"], ["uniform"], progress=lambda line: None,
+                       device="cpu", timer=host_timer)
+
+
 def test_plot_has_a_panel_per_mode_and_dtype(tmp_path):
     rows = [bench.Row(shape, dtype, mode, impl, "uniform" if impl != "floor" else "-", ms, 1.0, 10**9)
             for shape in ("seed", "big") for dtype in ("fp32", "bf16") for mode in bench.MODES

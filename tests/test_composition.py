@@ -111,6 +111,45 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
         if previous is not None:
             assert not torch.equal(mask, previous)
         previous = mask
+        if step == 0:
+            allocated = torch.cuda.memory_allocated()
+    assert torch.cuda.memory_allocated() == allocated  # replays allocate nothing new
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; on CPU, test_capturable checks "
+                    "a swapped model's step has no host sync and static shapes")
+@pytest.mark.parametrize("family", [GPTModel, NanoGPT])
+def test_cuda_graph_of_a_whole_swapped_model_training_step(family):
+    # PyTorch's whole-network capture recipe (warm up on a side stream, grads set to None, capture
+    # forward + backward, replay with new ids copied into the static input) on a swapped model.
+    torch.manual_seed(0)
+    model = swap_input_embeddings(family().cuda(), check_ids=False).eval()  # eval: no dropout, to compare
+    eager = copy.deepcopy(model)
+    static_ids = torch.randint(0, 61, (4, 16), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            _loss(model, static_ids).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _loss(model, static_ids)
+        static_loss.backward()
+    eager_parameters = dict(eager.named_parameters())
+    for step in range(3):
+        ids = torch.randint(0, 61, (4, 16), device="cuda")
+        static_ids.copy_(ids)
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        loss = _loss(eager, ids)
+        loss.backward()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, loss, rtol=1e-5, atol=1e-6)
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(parameter.grad, eager_parameters[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("family", [GPTModelKV])

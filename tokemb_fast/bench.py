@@ -109,26 +109,32 @@ def bytes_moved(shape: Shape, element_size: int, mode: str) -> int:
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device, ids: str = "uniform", seed: int = 0):
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: the big shape's 0.5 G-element table takes seconds on one CPU core.
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     n = shape.batch * shape.seq_len
     if ids == "uniform":
-        input_ids = torch.randint(0, shape.vocab_size, (n,), generator=generator)
+        input_ids = torch.randint(0, shape.vocab_size, (n,), generator=generator, device=device)
     elif ids == "zipf":
-        weights = 1.0 / torch.arange(1, shape.vocab_size + 1, dtype=torch.float64)
+        weights = 1.0 / torch.arange(1, shape.vocab_size + 1, dtype=torch.float64, device=device)
         ranks = torch.multinomial(weights, n, replacement=True, generator=generator)
-        input_ids = torch.randperm(shape.vocab_size, generator=generator)[ranks]
+        input_ids = torch.randperm(shape.vocab_size, generator=generator, device=device)[ranks]
     elif ids == "equal":
-        input_ids = torch.full((n,), int(torch.randint(0, shape.vocab_size, (), generator=generator)))
+        token = int(torch.randint(0, shape.vocab_size, (), generator=generator, device=device))
+        input_ids = torch.full((n,), token, device=device)
     else:
         raise ValueError(f"ids must be one of {ID_DISTRIBUTIONS}, got {ids!r}")
-    input_ids = input_ids.reshape(shape.batch, shape.seq_len).to(device)
+    input_ids = input_ids.reshape(shape.batch, shape.seq_len)
     position_ids = None
     if shape.random_positions:
         position_ids = torch.randint(0, shape.context_length, (shape.batch, shape.seq_len),
-                                     generator=generator).to(device)
-    token_weight = torch.randn(shape.vocab_size, shape.dim, generator=generator).to(device=device, dtype=dtype)
-    position_weight = torch.randn(shape.context_length, shape.dim, generator=generator).to(device=device, dtype=dtype)
-    grad_out = torch.randn(shape.batch, shape.seq_len, shape.dim, generator=generator).to(device=device, dtype=dtype)
+                                     generator=generator, device=device)
+
+    def normal(*size):
+        return torch.randn(*size, generator=generator, device=device).to(dtype)
+    token_weight = normal(shape.vocab_size, shape.dim)
+    position_weight = normal(shape.context_length, shape.dim)
+    grad_out = normal(shape.batch, shape.seq_len, shape.dim)
     return input_ids, position_ids, token_weight.requires_grad_(), position_weight.requires_grad_(), grad_out
 
 
@@ -229,12 +235,27 @@ def _peak_extra_mb(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _measure(forward, inputs, mode, timer, device, on_cuda) -> dict:
+    step = _step(forward, inputs, mode)
+    started = time.perf_counter()
+    step()  # first call: compilation / autotuning
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    first_call_s = time.perf_counter() - started
+    ms = timer(step)
+    peak = _peak_extra_mb(step, device) if on_cuda else None
+    return dict(ms=ms, peak_extra_mb=peak, extra={"first_call_s": first_call_s})
+
+
 def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: List[str], ids: List[str],
              progress: Callable[[str], None] = print, device=None, timer: Callable = None,
-             on_group: Optional[Callable[[List[Row]], None]] = None) -> List[Row]:
+             on_group: Optional[Callable[[List[Row]], None]] = None,
+             failures: Optional[List[str]] = None) -> List[Row]:
     """Measure on a GPU. device and timer exist so that tests can drive this on CPU tensors
     (kernels interpreted, host-clock timer, no memory statistics). on_group is called with all rows
-    so far after each shape and dtype, so that a run cut short still leaves its results."""
+    so far after each shape and dtype, so that a run cut short still leaves its results. With a
+    failures list, a row that raises is reported there (and through progress) and the run goes on
+    with the next row; without one, the error propagates."""
     device = torch.device("cuda") if device is None else torch.device(device)
     timer = _median_ms_cuda if timer is None else timer
     on_cuda = device.type == "cuda"
@@ -259,19 +280,22 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                         if impl == "floor" or (id_kind != "uniform" and impl not in ("fused", "eager",
                                                                                       "fused+dropout")):
                             continue
-                        step = _step(forwards[impl], inputs, mode)
-                        started = time.perf_counter()
-                        step()  # first call: compilation / autotuning
-                        if on_cuda:
-                            torch.cuda.synchronize(device)
-                        first_call_s = time.perf_counter() - started
-                        ms = timer(step)
-                        peak = _peak_extra_mb(step, device) if on_cuda else None
-                        row = Row(shape.name, dtype_name, mode, impl, id_kind, ms, floor_ms, moved, peak,
-                                  {"first_call_s": first_call_s})
+                        try:
+                            row = _measure(forwards[impl], inputs, mode, timer, device, on_cuda)
+                        except Exception as error:  # noqa: BLE001  (reported, and the run goes on)
+                            if failures is None:
+                                raise
+                            first_line = (str(error).splitlines() or [""])[0]
+                            message = f"{shape.name} {dtype_name} {mode} {impl} {id_kind}: " \
+                                      f"{type(error).__name__}: {first_line}"
+                            failures.append(message)
+                            progress(f"  FAILED {message}")
+                            continue
+                        row = Row(shape.name, dtype_name, mode, impl, id_kind, floor_ms=floor_ms,
+                                  bytes_moved=moved, **row)
                         rows.append(row)
                         progress(f"  {shape.name:10s} {dtype_name:5s} {mode:8s} {impl:14s} {id_kind:8s} "
-                                 f"{ms:8.4f} ms  {row.x_floor:6.2f}x floor")
+                                 f"{row.ms:8.4f} ms  {row.x_floor:6.2f}x floor")
                     del inputs
                 if on_cuda:
                     torch.cuda.empty_cache()

@@ -129,13 +129,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
     env = bench.environment()
     shapes = [bench.SHAPES[name] for name in args.shapes]
+    failures = []  # rows that raised: reported at the end, and the exit status says so
     if torch.cuda.is_available():
         print(f"tokemb-fast bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']})")
         print("median ms of triton.testing.do_bench; floor = device copy of the bytes the op must move")
         # With --json, the file is rewritten after each shape and dtype: a run stopped by a time
         # limit still leaves what it measured.
         save_partial = (lambda rows_so_far: bench.save_json(rows_so_far, args.json, env)) if args.json else None
-        rows = bench.run_cuda(shapes, args.dtypes, args.modes, args.impls, args.ids, on_group=save_partial)
+        rows = bench.run_cuda(shapes, args.dtypes, args.modes, args.impls, args.ids, on_group=save_partial,
+                              failures=failures)
     else:
         print("No CUDA device: this measures ONLY the plain-PyTorch fallback on the CPU "
               f"({env['device']}, torch {env['torch']}). No Triton kernel, no floor and no torch.compile "
@@ -149,6 +151,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.plot:
         bench.save_plot(rows, args.plot, env)
         print(f"wrote {args.plot}")
+    if failures:
+        print(f"\n{len(failures)} row(s) FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
     return 0
 
 
