@@ -14,7 +14,9 @@
 #   bench-suite  (90) the pytest-benchmark suite (bench/bench_embedding.py) at the seed shape
 # One log (gpu_check.log) and a JSON file per bench step go to $OUT (the device tool's output
 # folder, which brings back at most 8 files) or /tmp/tokemb-gpu; the installed package is this
-# checkout (pip -e, offline: the image has torch, triton and the test tools).
+# checkout (pip -e, offline: the image has torch, triton and the test tools; --use-pep517, since
+# the legacy `setup.py develop` path of the image's setuptools calls pip again with build isolation,
+# which needs the network).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tokemb-gpu}
@@ -27,7 +29,7 @@ for step in "${steps[@]}"; do
   case $step in tests|example|bench-124M|bench-big|bench-skew|bench-rest|bench-suite) ;; *) echo "unknown step $step"; exit 2 ;; esac
 done
 LOG=$OUT/gpu_check.log
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
 {
   date -u +%Y-%m-%dT%H:%MZ
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
