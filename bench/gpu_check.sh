@@ -3,9 +3,11 @@
 #   bash bench/gpu_check.sh                 # every step below, in this order
 #   bash bench/gpu_check.sh tests bench-124M  # only the steps named
 # Steps (each with its own time limit; the seconds are that limit):
-#   tests       (200) the test suite on CUDA: real compiled kernels, Inductor compile tests,
+#   tests       (170) the test suite on CUDA: real compiled kernels, Inductor compile tests,
 #                     CUDA-graph capture, 64-bit offsets; the slowest tests listed
 #   example      (60) examples/train_gpt2.py at GPT-2 124M, swapped and not (tokens/s of each)
+#   profile      (60) bench/profile_gpu.py at gpt2-124M: eager vs CUDA-graph-replay time (host
+#                     overhead vs GPU time) and the kernels of one fused forward+backward
 #   bench-124M  (100) gpt2-124M: fused / eager / compile / floor, dropout rows, and Hugging Face
 #                     GPT2Model's embedding before/after swap_input_embeddings
 #   bench-big    (70) the big shape (Llama-3-like table), plain rows
@@ -23,10 +25,10 @@ OUT=${OUT:-/tmp/tokemb-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests example bench-124M bench-big bench-skew bench-rest bench-suite)
+[ ${#steps[@]} -gt 0 ] || steps=(tests example profile bench-124M bench-big bench-skew bench-rest bench-suite)
 
 for step in "${steps[@]}"; do
-  case $step in tests|example|bench-124M|bench-big|bench-skew|bench-rest|bench-suite) ;; *) echo "unknown step $step"; exit 2 ;; esac
+  case $step in tests|example|profile|bench-124M|bench-big|bench-skew|bench-rest|bench-suite) ;; *) echo "unknown step $step"; exit 2 ;; esac
 done
 LOG=$OUT/gpu_check.log
 python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
@@ -58,11 +60,13 @@ for step in "${steps[@]}"; do
       python3 -c "import xdist" 2>/dev/null && extra+=(-n 12)
       python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
       # One Inductor compile thread per test process: 12 processes already share 16 cores.
-      TORCHINDUCTOR_COMPILE_THREADS=1 TOKEMB_FAST_HYPOTHESIS_EXAMPLES=60 run_step tests 200 \
+      TORCHINDUCTOR_COMPILE_THREADS=1 TOKEMB_FAST_HYPOTHESIS_EXAMPLES=60 run_step tests 170 \
         python3 -m pytest -q -rfE "${extra[@]}" -p no:cacheprovider --durations=15 tests ;;
     example)
       run_step example 60 bash -c \
         'python3 examples/train_gpt2.py --steps 30 && python3 examples/train_gpt2.py --steps 30 --no-swap' ;;
+    profile)
+      run_step profile 60 python3 bench/profile_gpu.py --shapes gpt2-124M ;;
     bench-124M)
       run_step bench-124M 100 tokemb-fast bench --shapes gpt2-124M \
         --impls fused,fused-checked,eager,compile,floor,fused+dropout,eager+dropout,compile+dropout,hf-eager,hf-swapped \

@@ -98,7 +98,10 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
     previous = None
     for step in range(3):
         ids.copy_(torch.randint(0, 500, (4, 64), device="cuda"))
-        module.zero_grad(set_to_none=False)
+        # As PyTorch's recipe says: None, not zeros. The first backward then adopts the graph's
+        # static gradient buffer as .grad, and each replay overwrites it (with zeros, .grad would
+        # be that buffer plus itself: twice the gradient, as the first device run found).
+        module.zero_grad(set_to_none=True)
         out = graphed(ids)
         out.backward(grad_out)
         torch.cuda.synchronize()

@@ -234,5 +234,7 @@ def fused_input_embedding(
 
 
 def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:
+    if ids.numel() == 0:  # nothing to renormalise, and PyTorch's CUDA kernel rejects an empty index
+        return
     with torch.no_grad():
         torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)

@@ -42,7 +42,21 @@ def input_embedding_reference(
     """
     if position_ids is None:
         position_ids = default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
+    max_norm, scale_grad_by_freq = _options_with_lookups(input_ids, max_norm, scale_grad_by_freq)
+    position_max_norm, position_scale_grad_by_freq = _options_with_lookups(
+        position_ids, position_max_norm, position_scale_grad_by_freq)
     tokens = F.embedding(input_ids, token_weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     positions = F.embedding(position_ids, position_weight, position_padding_idx, position_max_norm,
                             position_norm_type, position_scale_grad_by_freq, position_sparse)
     return tokens + positions
+
+
+def _options_with_lookups(ids: torch.Tensor, max_norm: Optional[float], scale_grad_by_freq: bool):
+    """max_norm and scale_grad_by_freq, or no-ops when ``ids`` is empty.
+
+    With nothing looked up neither has anything to do, and PyTorch's CUDA kernels for both
+    (embedding_renorm_, the scaled dense backward) fail with "CUDA error: invalid argument" on an
+    empty index tensor (torch 2.11 on an H100, 2026-11-27)."""
+    if ids.numel() == 0:
+        return None, False
+    return max_norm, scale_grad_by_freq
