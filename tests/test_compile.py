@@ -48,7 +48,8 @@ def calls(device):
 
 
 @pytest.mark.skipif(not triton_ops.INTERPRETED, reason="CPU twin of the CUDA compile test; needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dynamic", [False, True])
+# None: Dynamo's default, automatic dynamic shapes after a recompile (what the CUDA test uses).
+@pytest.mark.parametrize("dynamic", [False, True, None])
 def test_fullgraph_aot_eager_through_the_kernels(dynamic, monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     torch._dynamo.reset()

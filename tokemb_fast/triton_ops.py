@@ -8,14 +8,12 @@ checked by ``tokemb_fast.validation``; these functions only shape the launch.
 Importing this module imports Triton and the kernels. ``TRITON_INTERPRET=1`` must be set before
 that import for the kernels to run on CPU tensors (Triton decides at decoration time).
 """
-import functools
 import os
 from typing import Optional
 
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
@@ -27,36 +25,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # launch into a graph node) and Inductor sees the kernels. The interpreter launches even on
 # FakeTensors, so there the ops are opaque custom ops with explicit fake impls (end of file):
 # torch.compile then still traces the model around them, which is what CPU tests can check.
-#
-# Outside any tracing, though, calling a triton_op costs its dispatch (autograd key, backend
-# lookup, a disabled-Dynamo frame): about 30 us of host time per call measured on this project's
-# 2-core CPU, against about 20 us of GPU time for a whole gpt2-124M forward. So in plain eager
-# mode (not compiling, no dispatch mode such as FakeTensor or make_fx active, plain tensors) the
-# launcher body runs directly; it is the same function the op runs, so results are identical.
-# Autograd is unaffected: the ops are called from inside FusedInputEmbeddingFunction, which
-# provides the backward.
-def _plain_eager(args) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and (type(arg) not in (torch.Tensor, torch.nn.Parameter)
-                                              or torch._C._functorch.is_functorch_wrapped_tensor(arg)):
-            return False
-    return True
-
-
-def _define_op(name: str, mutates_args=()):
-    def define(launcher):
-        op = (custom_op if INTERPRETED else triton_op)(name, mutates_args=mutates_args)(launcher)
-
-        @functools.wraps(launcher)
-        def call(*args):
-            return launcher(*args) if _plain_eager(args) else op(*args)
-        call.op = op
-        call.register_fake = op.register_fake
-        return call
-    return define
-
+_define_op = custom_op if INTERPRETED else triton_op
 
 # Sorted entries are summed in pieces of CHUNK so that one frequent key cannot serialise the
 # backward (see kernels/backward.py). 32 keeps a piece's tile (32 x BLOCK_D fp32) in registers.
@@ -72,8 +41,9 @@ GRAD_LONG_TILE = 16
 GRAD_TILE = 2048
 # At most this many table rows per program. Triton 3.6 (PyTorch 2.11's) failed to compile the row
 # kernel for sm_90 with 32 or 64 rows (small D: "'tt.load' op failed to verify that mask type
-# matches ptr type" in its layout pass, seen on an H100 and reproduced with bench/compile_report.py
-# on 2026-11-27); 16 compiles. D >= 256 uses 8 rows anyway.
+# matches ptr type" in its layout pass, seen on an H100 and reproduced with Triton 3.6's compiler
+# on this machine, 2026-11-27); 16 compiles (swept D = 1..4096, four dtypes, four option sets).
+# D >= 256 uses 8 rows anyway.
 GRAD_MAX_ROWS = 16
 # Elements of the output one forward program owns in the fixed config (the interpreter's, and
 # small calls' on a GPU; larger calls are autotuned): enough 16-byte accesses per thread to keep
@@ -82,7 +52,6 @@ TILE = 4096
 SEARCH_BLOCK = 1024
 
 
-@functools.lru_cache(maxsize=None)
 def _block_d(dim: int, cap: int) -> int:
     """Columns per program: the widest power of two (<= cap) that pads D by at most 1/16.
 
@@ -304,4 +273,3 @@ if INTERPRETED:
     @dropout_masked_grad.register_fake
     def _(grad_out, dropout_p, dropout_seed, dropout_scale):
         return grad_out.new_empty(grad_out.shape)
-
