@@ -150,3 +150,11 @@ def test_compile_traces_into_the_gpu_ops_fullgraph(traced):
         assert forward_kernels == ["triton:" + ("autotuned:" if autotuned else "") + "input_embedding_fwd_kernel"]
         assert [t for t in backward if t.startswith("triton:")] == expected_backward[case], case
         assert backward.count("aten::sort.stable") == expected_backward[case].count(bounds), case
+
+
+def test_host_overhead_script_times_the_gpu_path():
+    # bench/host_overhead.py: the GPU path's host time per call, under the same stand-in driver.
+    result = _run_compiled(os.path.join("bench", "host_overhead.py"), "--calls", "20")
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert float(lines["forward"].split()[1]) > 0 and "without the CPU sort" in lines["forward+backward"]

@@ -51,3 +51,37 @@ def test_checked_forward_adds_one_reduction_per_tensor_and_one_sync():
     assert forward_ops(check_ids=True, position_ids=position_ids) == [
         "aten.aminmax.default", "aten.aminmax.default", "aten.stack.default", *to_host,
         "tokemb_fast.input_embedding_forward.default"]
+
+
+def test_plain_eager_calls_run_the_launcher_directly_and_match_the_op(monkeypatch):
+    # Outside tracing the launcher body runs without the op's dispatch (its host cost matters at
+    # GPT-2 sizes); the op itself still serves dispatch modes, tensor subclasses and torch.compile.
+    ids = torch.randint(0, 50, (4, 8), device=TRITON_DEVICE)
+    token_weight = torch.randn(50, 32, device=TRITON_DEVICE)
+    position_weight = torch.randn(16, 32, device=TRITON_DEVICE)
+    args = (ids, token_weight, position_weight, None, 0, 0.0, None, None)
+    assert triton_ops._plain_eager(args)
+    assert not triton_ops._plain_eager((ids.as_subclass(Subclass),))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        assert not triton_ops._plain_eager(args)
+    with RecordOps():
+        assert not triton_ops._plain_eager(args)
+    # ... with wrap_triton off, as the op's own eager body runs it: with it on, each launch goes
+    # through wrap_triton's tracing operator (4x slower per call on an H100).
+    from torch._library.triton import is_wrap_triton_enabled
+    wrap_states = []
+    original_wrap = triton_ops.wrap_triton
+    monkeypatch.setattr(triton_ops, "wrap_triton",
+                        lambda kernel: wrap_states.append(is_wrap_triton_enabled()) or original_wrap(kernel))
+    direct = triton_ops.input_embedding_forward(*args)
+    assert wrap_states == [False]
+    through_op = triton_ops.input_embedding_forward.op(*args)
+    assert torch.equal(direct, through_op)
+    grad_out = torch.randn(4, 8, 32, device=TRITON_DEVICE)
+    grad_args = (grad_out, ids, 50, 0, -1, False, 1, 0.0, None, None)
+    assert torch.equal(triton_ops.embedding_dense_grad(*grad_args), triton_ops.embedding_dense_grad.op(*grad_args))
+
+
+class Subclass(torch.Tensor):
+    pass

@@ -8,12 +8,14 @@ checked by ``tokemb_fast.validation``; these functions only shape the launch.
 Importing this module imports Triton and the kernels. ``TRITON_INTERPRET=1`` must be set before
 that import for the kernels to run on CPU tensors (Triton decides at decoration time).
 """
+import functools
 import os
 from typing import Optional
 
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
@@ -25,7 +27,45 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # launch into a graph node) and Inductor sees the kernels. The interpreter launches even on
 # FakeTensors, so there the ops are opaque custom ops with explicit fake impls (end of file):
 # torch.compile then still traces the model around them, which is what CPU tests can check.
-_define_op = custom_op if INTERPRETED else triton_op
+#
+# Outside any tracing, calling a triton_op still pays PyTorch's dispatch (autograd key, backend
+# lookup, a disabled-Dynamo frame) before the launcher body runs. In plain eager mode (not
+# compiling, no dispatch mode such as FakeTensor or make_fx active, plain tensors) the body runs
+# directly, exactly as the op's own eager implementation runs it: with wrap_triton switched off,
+# so each launch goes straight to Triton (with wrap_triton on, every launch went through its
+# tracing operator: 4x slower per call on the H100, 2026-11-27). Autograd is unaffected: the ops
+# are only called inside FusedInputEmbeddingFunction, which provides the backward.
+try:  # private (torch 2.13 has it); where it is missing, every call takes the op
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover
+    _set_wrap_triton_enabled = None
+
+
+def _plain_eager(args) -> bool:
+    if _set_wrap_triton_enabled is None or torch.compiler.is_compiling() \
+            or _get_current_dispatch_mode() is not None:
+        return False
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and (type(arg) not in (torch.Tensor, torch.nn.Parameter)
+                                              or torch._C._functorch.is_functorch_wrapped_tensor(arg)):
+            return False
+    return True
+
+
+def _define_op(name: str, mutates_args=()):
+    def define(launcher):
+        op = (custom_op if INTERPRETED else triton_op)(name, mutates_args=mutates_args)(launcher)
+
+        @functools.wraps(launcher)
+        def call(*args):
+            if not _plain_eager(args):
+                return op(*args)
+            with _set_wrap_triton_enabled(False):
+                return launcher(*args)
+        call.op = op
+        call.register_fake = op.register_fake
+        return call
+    return define
 
 # Sorted entries are summed in pieces of CHUNK so that one frequent key cannot serialise the
 # backward (see kernels/backward.py). 32 keeps a piece's tile (32 x BLOCK_D fp32) in registers.
@@ -58,6 +98,15 @@ def _block_d(dim: int, cap: int) -> int:
     D = 768 takes 256 (three full blocks) rather than 1024 (a quarter of the lanes idle);
     D = 1600 takes 128 (13 blocks, 4% padding) rather than 2048 (22%).
     """
+    # Memoised for plain ints: computing it was ~10% of a forward call's host time (measured with
+    # bench/host_overhead.py). Under torch.compile with dynamic shapes D is a SymInt, which a
+    # cache cannot hash (lru_cache failed opcheck's dynamic-shape test on the H100).
+    if type(dim) is int and type(cap) is int:
+        return _block_d_cached(dim, cap)
+    return _block_d_uncached(dim, cap)
+
+
+def _block_d_uncached(dim: int, cap: int) -> int:
     full = min(triton.next_power_of_2(max(dim, 1)), cap)
     best, best_padding = full, None
     block = full
@@ -69,6 +118,9 @@ def _block_d(dim: int, cap: int) -> int:
             best, best_padding = block, padding
         block //= 2
     return best
+
+
+_block_d_cached = functools.lru_cache(maxsize=256)(_block_d_uncached)
 
 
 def _forward_configs():
