@@ -236,6 +236,7 @@ def _peak_extra_mb(fn, device) -> float:
 
 
 def _measure(forward, inputs, mode, timer, device, on_cuda) -> dict:
+    """One row's measured fields (ms, peak_extra_mb, extra), after an untimed first call."""
     step = _step(forward, inputs, mode)
     started = time.perf_counter()
     step()  # first call: compilation / autotuning
@@ -281,7 +282,7 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                                                                                       "fused+dropout")):
                             continue
                         try:
-                            row = _measure(forwards[impl], inputs, mode, timer, device, on_cuda)
+                            measured = _measure(forwards[impl], inputs, mode, timer, device, on_cuda)
                         except Exception as error:  # noqa: BLE001  (reported, and the run goes on)
                             if failures is None:
                                 raise
@@ -292,7 +293,7 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                             progress(f"  FAILED {message}")
                             continue
                         row = Row(shape.name, dtype_name, mode, impl, id_kind, floor_ms=floor_ms,
-                                  bytes_moved=moved, **row)
+                                  bytes_moved=moved, **measured)
                         rows.append(row)
                         progress(f"  {shape.name:10s} {dtype_name:5s} {mode:8s} {impl:14s} {id_kind:8s} "
                                  f"{row.ms:8.4f} ms  {row.x_floor:6.2f}x floor")

@@ -67,6 +67,7 @@ def _define_op(name: str, mutates_args=()):
         return call
     return define
 
+
 # Sorted entries are summed in pieces of CHUNK so that one frequent key cannot serialise the
 # backward (see kernels/backward.py). 32 keeps a piece's tile (32 x BLOCK_D fp32) in registers.
 GRAD_CHUNK = 32
