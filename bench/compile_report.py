@@ -60,14 +60,24 @@ class Launch:
     hash: str
     grid: tuple
     tuning: bool  # an autotuner trial, not the launch the op keeps
+    # The kernel's arguments, tensors as (dtype, shape, strides, 16-byte aligned): what a cached
+    # launch must pass exactly as Triton's own launch does (tests/test_cached_launch.py).
+    arguments: tuple = field(default=(), repr=False, compare=False)
+
+
+def _describe_argument(value):
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), tuple(value.shape), value.stride(), value.data_ptr() % 16 == 0)
+    return value
 
 
 class CompileOnlyDriver:
     """Triton's driver interface, enough of it to compile for TARGET and 'launch' nowhere."""
 
-    def __init__(self):
+    def __init__(self, record_arguments: bool = False):
         self.launches: List[Launch] = []
         self.tuning = False
+        self.record_arguments = record_arguments
         driver_self = self
 
         class Utils:
@@ -76,16 +86,22 @@ class CompileOnlyDriver:
 
             def load_binary(self, name, kernel, shared, device):
                 # module, function, n_regs, n_spills, n_max_threads: known only to a real driver;
-                # ptxas reports them below instead.
-                return None, None, 0, 0, 1024
+                # ptxas reports them below instead. The module is a placeholder that is not None,
+                # as a real one is: Triton reloads a binary whose module is None at each launch.
+                return object(), None, 0, 0, 1024
+
+            def unload_module(self, module):
+                pass
 
         class Launcher:
             def __init__(self, src, metadata):
                 self.name, self.hash = metadata.name, metadata.hash
 
-            def __call__(self, grid_x, grid_y, grid_z, *args):
+            def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata,
+                         enter_hook, exit_hook, *args):
+                arguments = tuple(map(_describe_argument, args)) if driver_self.record_arguments else ()
                 driver_self.launches.append(Launch(self.name, self.hash, (grid_x, grid_y, grid_z),
-                                                   driver_self.tuning))
+                                                   driver_self.tuning, arguments))
 
         self.utils = Utils()
         self.launcher_cls = Launcher
@@ -253,7 +269,7 @@ def _explicit_positions(shape, options) -> bool:
 
 
 def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
-    from tokemb_fast.functional import FusedInputEmbeddingFunction
+    from tokemb_fast import FusedInputEmbeddingFunction, LookupOptions, TableOptions, dropout_seed
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=generator)
@@ -267,10 +283,12 @@ def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
     token_weight = torch.empty(shape.vocab_size, shape.dim, dtype=dtype, requires_grad=True)
     position_weight = torch.empty(shape.context_length, shape.dim, dtype=dtype, requires_grad=True)
     start = len(fake.launches)
-    out = FusedInputEmbeddingFunction.apply(
-        ids, token_weight, position_weight, position_ids, 0, False, options.get("padding_idx"),
-        options.get("scale_grad_by_freq", False), options.get("sparse", False), None, False, False,
-        options.get("dropout_p", 0.0))
+    dropout_p = options.get("dropout_p", 0.0)
+    lookup = LookupOptions(token=TableOptions(options.get("padding_idx"), options.get("scale_grad_by_freq", False),
+                                              options.get("sparse", False)),
+                           dropout_p=dropout_p, check_ids=options.get("check_ids", True))
+    out = FusedInputEmbeddingFunction.apply(ids, token_weight, position_weight, position_ids, lookup,
+                                            dropout_seed("cpu") if dropout_p > 0 else None)
     out.backward(torch.empty_like(out))
     return fake.launches[start:]
 
@@ -343,7 +361,8 @@ def main(argv=None) -> int:
                             sparse=options.get("sparse", False))
         try:
             launches = run_case(shape, dtype, options, fake)
-            report.launches = [asdict(launch) for launch in launches if not launch.tuning]
+            report.launches = [{key: value for key, value in asdict(launch).items() if key != "arguments"}
+                               for launch in launches if not launch.tuning]
             report.tuning_hashes = sorted({launch.hash for launch in launches if launch.tuning})
         except Exception as exc:  # a compile failure: report it and go on with the other cases
             report.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"

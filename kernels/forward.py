@@ -19,8 +19,10 @@ def input_embedding_fwd_kernel(
     position_weight_ptr, stride_position_row,
     n_rows, seq_len, dim, vocab_size, num_positions, past_length,
     dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,   # unused unless HAS_DROPOUT
+    id_flag_ptr,                 # int64 [6], unused unless CHECK_IDS (layout: tokemb_fast/id_check.py)
     HAS_POSITION_IDS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    CHECK_IDS: tl.constexpr,
     ALIGNED4: tl.constexpr,      # D % 4 == 0: one Philox evaluation per 4 columns (see dropout.py)
     ACC_FP64: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -47,12 +49,30 @@ def input_embedding_fwd_kernel(
     else:
         position = step + past_length
 
-    # The launcher checks ids before launching (unless the caller opted out with
-    # check_ids=False). This mask is the memory-safety net behind that check: an id outside
-    # the table is never dereferenced, and its output row becomes NaN so the mistake is loud.
+    # An id outside its table is never dereferenced, and its output row becomes NaN so the
+    # mistake is loud. With CHECK_IDS the host is also told, through the flag, without waiting
+    # for this kernel: it raises later (tokemb_fast/id_check.py).
     token_ok = (token >= 0) & (token < vocab_size)
     position_ok = (position >= 0) & (position < num_positions)
     both_ok = token_ok & position_ok
+    if CHECK_IDS:
+        # One D-block of programs reports (the others see the same ids); only programs that
+        # saw a bad id touch the flag, so a correct call costs two reductions per program.
+        # Atomics throughout: concurrent programs agree on the lowest and highest bad id.
+        if pid_d == 0:
+            bad_token = row_ok & ~token_ok
+            if tl.max(bad_token.to(tl.int32), axis=0) > 0:
+                tl.atomic_min(id_flag_ptr + 0, tl.min(tl.where(bad_token & (token < 0), token, 0), axis=0))
+                tl.atomic_max(id_flag_ptr + 1, tl.max(tl.where(bad_token & (token >= 0), token, 0), axis=0))
+                tl.atomic_xchg(id_flag_ptr + 4, tl.zeros([], dtype=tl.int64) + vocab_size)
+            if HAS_POSITION_IDS:  # default positions were checked on the host (past_length + T)
+                bad_position = row_ok & ~position_ok
+                if tl.max(bad_position.to(tl.int32), axis=0) > 0:
+                    tl.atomic_min(id_flag_ptr + 2,
+                                  tl.min(tl.where(bad_position & (position < 0), position, 0), axis=0))
+                    tl.atomic_max(id_flag_ptr + 3,
+                                  tl.max(tl.where(bad_position & (position >= 0), position, 0), axis=0))
+                    tl.atomic_xchg(id_flag_ptr + 5, tl.zeros([], dtype=tl.int64) + num_positions)
 
     mask = row_ok[:, None] & col_ok[None, :]
     load_mask = mask & both_ok[:, None]

@@ -34,8 +34,29 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """Every Triton launch made through tokemb_fast.launch, as (kernel name, "cached" | "triton")."""
+    from tokemb_fast import launch
+    launches = []
+    monkeypatch.setattr(launch, "PATHS", launches)
+    return launches
+
+
+def launches_of(launches, kernel_name):
+    return sum(1 for name, _path in launches if name == kernel_name)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the interpreter twin "
                                    "of this test checks the same maths on CPU")
+
+
+@pytest.fixture(autouse=True)
+def _no_unraised_id_errors():
+    """A test that leaves a recorded bad id unraised would make some later test's call raise it."""
+    yield
+    from tokemb_fast import check_ids_now
+    check_ids_now()
 
 
 @pytest.fixture(autouse=True)

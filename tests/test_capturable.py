@@ -56,7 +56,7 @@ class RecordOpsAndShapes(TorchDispatchMode):
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """Host reads of tensor values made from tokemb_fast's files, as (method, file:line)."""
+    """Host reads of tensor values made from tokemb_fast's files, as (method, file, device of the tensor)."""
     reads = []
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
@@ -64,7 +64,7 @@ def host_reads(monkeypatch):
         def recording(self, *args, _name=name, _original=original, **kwargs):
             caller = sys._getframe(1)
             if caller.f_code.co_filename.startswith(PACKAGE_DIRS):
-                reads.append((_name, f"{os.path.basename(caller.f_code.co_filename)}:{caller.f_lineno}"))
+                reads.append((_name, os.path.basename(caller.f_code.co_filename), self.device.type))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, recording)
@@ -115,12 +115,32 @@ def test_unchecked_training_step_has_no_host_sync_and_static_shapes(case, host_r
         assert other == ops, f"ids {kind!r} dispatch different ops or shapes than uniform ids"
 
 
-def test_the_detectors_see_the_id_check(host_reads, monkeypatch):
-    # Positive control: check_ids=True reads the ids' min and max on the host, once per call.
+def test_default_id_check_reads_only_its_host_copy_once_per_step(host_reads, monkeypatch):
+    # check_ids=True: the forward kernel records bad ids in a device flag, copied to host memory
+    # without a sync; the backward reads that copy (after waiting for its own forward's event).
+    # On a GPU the tensor read is the pinned host copy, never a device tensor.
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
-    module = FusedInputEmbedding(50, 24, 16, check_ids=True, device=TRITON_DEVICE)
+    module = FusedInputEmbedding(50, 24, 16, device=TRITON_DEVICE)
+    assert module.check_ids is True
+    ids = torch.randint(0, 50, (4, 8), device=TRITON_DEVICE)
+    out = module(ids)
+    assert host_reads == [], f"the forward read device values: {host_reads}"
+    out.sum().backward()
+    assert host_reads == [("tolist", "id_check.py", "cpu")], host_reads
+    with torch.no_grad():  # inference: checked at the next call on the device
+        module(ids)
+        assert len(host_reads) == 1
+        module(ids)
+    assert host_reads[1:] == [("tolist", "id_check.py", "cpu")], host_reads
+
+
+def test_the_detectors_see_the_sync_id_check(host_reads, monkeypatch):
+    # Positive control: check_ids="sync" reads the ids' min and max on the host, once per call.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    module = FusedInputEmbedding(50, 24, 16, check_ids="sync", device=TRITON_DEVICE)
     module(torch.randint(0, 50, (4, 8), device=TRITON_DEVICE))
-    assert [name for name, _ in host_reads] == ["tolist"], host_reads
+    assert [(name, where, device) for name, where, device in host_reads] == [
+        ("tolist", "validation.py", TRITON_DEVICE.type)], host_reads
     with RecordOpsAndShapes() as recorder:
         torch.nonzero(torch.randint(0, 2, (16,), device=TRITON_DEVICE))
     assert [op for op, _ in recorder.ops if op.startswith(DATA_DEPENDENT)] == ["aten.nonzero.default"]

@@ -158,3 +158,23 @@ def test_host_overhead_script_times_the_gpu_path():
     assert result.returncode == 0, result.stderr[-4000:]
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
     assert float(lines["forward"].split()[1]) > 0 and "without the CPU sort" in lines["forward+backward"]
+
+
+def test_planned_launches_run_the_binaries_triton_would(tmp_path):
+    # tokemb_fast.launch's plans against Triton's own launches, call by call: the same binary
+    # (hash), grid and arguments, for calls that differ in what Triton specialises on. The
+    # script checks its own sensitivity to the key: see its docstring.
+    path = tmp_path / "launches.json"
+    result = _run_compiled(os.path.join("tests", "compare_planned_launches.py"), str(path))
+    assert result.returncode == 0 and path.exists(), result.stderr[-4000:]
+    data = json.loads(path.read_text())
+    assert set(data["ordinary_paths"]) == {"triton"}
+    for label, (ordinary,) in data["ordinary"].items():
+        assert ordinary, label
+        first, second = data["planned"][label]
+        assert first == ordinary, f"{label}: the first call's launches differ from Triton's own"
+        assert second == ordinary, f"{label}: the planned launches differ from Triton's own"
+    # Every call's second run took plans only; first runs reuse the plans of earlier calls' keys.
+    planned = data["planned_paths"].count("planned")
+    assert planned >= len(data["planned_paths"]) // 2 and planned + data["planned_paths"].count("triton") == \
+        2 * len(data["ordinary_paths"])

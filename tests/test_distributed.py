@@ -1,6 +1,7 @@
 """Data-parallel training with the fused op: 2 processes on CPU (gloo) against 1 process."""
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -59,6 +60,13 @@ def _worker(rank, port, wrapper, out_dir):
             torch.save(grads, os.path.join(out_dir, "grads.pt"))
     finally:
         dist.destroy_process_group()
+    # About 1 exit in 20 of an FSDP2 worker aborted at interpreter shutdown, after all of the
+    # above ("terminate called without an active exception": a joinable C++ thread destroyed
+    # during static teardown; torch 2.13, gloo, seen with the interpreted Triton path). The work is
+    # done and saved: leave without running the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

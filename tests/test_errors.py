@@ -26,26 +26,41 @@ def test_non_integer_or_unsupported_ids_raise_type_error(backend, dtype):
         call(backend, ids, *tables())
 
 
+def call_and_backward(backend, ids, token_weight, position_weight, **kwargs):
+    """A training step's use of the op: a bad id raises by the end of the backward at the latest
+    (check_ids=True on the Triton path: found by the kernel, raised in the backward)."""
+    out = call(backend, ids, token_weight, position_weight, **kwargs)
+    out.float().sum().backward()
+
+
+CHECK_MODES = [True, "sync"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("check_ids", CHECK_MODES)
 @pytest.mark.parametrize("bad_id", [10, 11, 2**40, -1, -7])
-def test_ids_out_of_range_raise_index_error_naming_id_and_vocab(backend, bad_id):
+def test_ids_out_of_range_raise_index_error_naming_id_and_vocab(backend, check_ids, bad_id):
     ids = torch.tensor([[1, 2, bad_id, 3]], device=TRITON_DEVICE)
     token_weight, position_weight = tables()
     before = token_weight.detach().clone()
     with pytest.raises(IndexError, match=rf"token id {bad_id} is out of range for vocab size 10 "
                                          r"\(valid ids are 0\.\.9\)"):
-        call(backend, ids, token_weight, position_weight)
+        call_and_backward(backend, ids, token_weight, position_weight, check_ids=check_ids)
     assert torch.equal(token_weight.detach(), before)
+    assert token_weight.grad is None, "a gradient was returned for a call with a bad id"
     # Nothing is broken afterwards.
-    ok = call(backend, ids.clamp(0, 9), token_weight, position_weight)
+    ok = call(backend, ids.clamp(0, 9), token_weight, position_weight, check_ids=check_ids)
     assert torch.isfinite(ok).all()
+    ok.sum().backward()
+    assert torch.isfinite(token_weight.grad).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_int32_ids_out_of_range(backend):
+@pytest.mark.parametrize("check_ids", CHECK_MODES)
+def test_int32_ids_out_of_range(backend, check_ids):
     ids = torch.tensor([3, 2**31 - 1], dtype=torch.int32, device=TRITON_DEVICE)
     with pytest.raises(IndexError, match=r"token id 2147483647 is out of range for vocab size 10"):
-        call(backend, ids, *tables())
+        call_and_backward(backend, ids, *tables(), check_ids=check_ids)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,13 +72,14 @@ def test_positions_past_the_table_raise_index_error(backend, seq_len, past_lengt
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("check_ids", CHECK_MODES)
 @pytest.mark.parametrize("bad_position", [6, -1, 1000])
-def test_position_ids_out_of_range_raise_index_error(backend, bad_position):
+def test_position_ids_out_of_range_raise_index_error(backend, check_ids, bad_position):
     ids = torch.zeros(2, 3, dtype=torch.int64, device=TRITON_DEVICE)
     position_ids = torch.tensor([[0, 1, 2], [0, bad_position, 1]], device=TRITON_DEVICE)
     with pytest.raises(IndexError, match=rf"position id {bad_position} is out of range for a position table "
                                          r"of 6 rows \(context_length 6, valid positions are 0\.\.5\)"):
-        call(backend, ids, *tables(), position_ids=position_ids)
+        call_and_backward(backend, ids, *tables(), position_ids=position_ids, check_ids=check_ids)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

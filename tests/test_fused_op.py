@@ -5,7 +5,7 @@ import torch
 from conftest import TRITON_DEVICE, requires_cuda
 from helpers import (FLOAT_DTYPES, assert_exact_within, exact_reference, id_distribution, poisoned_allocations,
                      random_tables)
-from tokemb_fast import FusedInputEmbeddingFunction, fused_input_embedding, triton_ops
+from tokemb_fast import FusedInputEmbeddingFunction, LookupOptions, fused_input_embedding, triton_ops
 
 
 def run_fused(input_ids, token_weight, position_weight, grad_out, **kwargs):
@@ -60,13 +60,14 @@ def test_autotuned_forward(dtype):
 
 def test_forward_config_choice():
     kernel, config = triton_ops._forward_launch(triton_ops.AUTOTUNE_MIN_ELEMENTS - 1)
-    assert kernel is triton_ops.input_embedding_fwd_kernel and config == {"TILE": triton_ops.TILE, "num_warps": 4}
+    assert kernel.kernel is triton_ops.input_embedding_fwd_kernel
+    assert config == {"TILE": triton_ops.TILE, "num_warps": 4}
     kernel, config = triton_ops._forward_launch(triton_ops.AUTOTUNE_MIN_ELEMENTS)
     if triton_ops.INTERPRETED:  # the interpreter never autotunes
-        assert kernel is triton_ops.input_embedding_fwd_kernel
+        assert kernel.kernel is triton_ops.input_embedding_fwd_kernel
     else:
-        assert kernel is not triton_ops.input_embedding_fwd_kernel and config == {}
-        assert kernel.fn is triton_ops.input_embedding_fwd_kernel
+        assert kernel.kernel is not triton_ops.input_embedding_fwd_kernel and config == {}
+        assert kernel.kernel.fn is triton_ops.input_embedding_fwd_kernel
 
 
 @pytest.mark.parametrize("mode", ["past_length", "shared", "shared_1xT", "per_row", "repeated"])
@@ -184,8 +185,8 @@ def test_backward_saves_only_ids():
     token_weight, position_weight = random_tables(10, 5, 4, torch.float32, TRITON_DEVICE)
     out = fused_input_embedding(ids, token_weight, position_weight, backend="triton")
     saved = out.grad_fn.saved_tensors
-    # (ids, position ids, dropout seed, dropout scale): no position ids and no dropout here.
-    assert len(saved) == 4 and saved[1:] == (None, None, None)
+    # (ids, position ids, dropout seed): no position ids and no dropout here.
+    assert len(saved) == 3 and saved[1:] == (None, None)
     assert saved[0].dtype == ids.dtype and saved[0].shape == ids.shape
     assert saved[0].data_ptr() == ids.data_ptr()  # a view of the caller's ids, not a copy
 
@@ -214,7 +215,7 @@ def test_gradcheck_float64_through_kernels(position_mode):
         position_ids = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 2]], device=TRITON_DEVICE)
 
     def fn(tok, pos):
-        return FusedInputEmbeddingFunction.apply(ids, tok, pos, position_ids, past_length, True)
+        return FusedInputEmbeddingFunction.apply(ids, tok, pos, position_ids, LookupOptions(past_length=past_length))
 
     assert torch.autograd.gradcheck(fn, (token_weight, position_weight))
 

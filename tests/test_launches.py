@@ -1,10 +1,10 @@
-"""What one call dispatches: the forward is one op (one kernel launch) unless the id check runs."""
+"""What one call dispatches and launches, and which path each launch takes."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TRITON_DEVICE
-from tokemb_fast import fused_input_embedding, triton_ops
+from tokemb_fast import autograd, fused_input_embedding, triton_ops
 
 pytestmark = pytest.mark.skipif(not (triton_ops.INTERPRETED or torch.cuda.is_available()),
                                 reason="counts the Triton path's ops")
@@ -33,54 +33,78 @@ def forward_ops(**kwargs):
 
 
 @pytest.mark.parametrize("positions", ["default", "per_row"])
-def test_unchecked_forward_is_one_op(positions):
-    kwargs = {"check_ids": False}
+@pytest.mark.parametrize("check_ids", [False, True])
+def test_forward_is_one_op(positions, check_ids):
+    # check_ids=True: the kernel records bad ids itself. On a GPU the flag's asynchronous copy to
+    # host memory follows (a copy, not a launch, and no sync); on CPU tensors there is none.
+    kwargs = {"check_ids": check_ids}
     if positions == "per_row":
         kwargs["position_ids"] = torch.randint(0, 16, (64, 1), device=TRITON_DEVICE)
-    assert forward_ops(**kwargs) == ["tokemb_fast.input_embedding_forward.default"]
+    copy = ["aten.copy_.default"] if check_ids and TRITON_DEVICE.type == "cuda" else []
+    assert forward_ops(**kwargs) == ["tokemb_fast.input_embedding_forward.default", *copy]
 
 
-def test_checked_forward_adds_one_reduction_per_tensor_and_one_sync():
+def test_sync_checked_forward_adds_one_reduction_per_tensor_and_one_sync():
     # aminmax per id tensor, one stack, then a single .tolist() (the one device-to-host copy:
     # on a GPU, tolist copies to the CPU through one _to_copy; a CPU tensor's memory it reads
     # directly, dispatching nothing), then the forward itself.
     to_host = ["aten._to_copy.default"] if TRITON_DEVICE.type == "cuda" else []
-    assert forward_ops(check_ids=True) == [
+    assert forward_ops(check_ids="sync") == [
         "aten.aminmax.default", "aten.stack.default", *to_host, "tokemb_fast.input_embedding_forward.default"]
     position_ids = torch.randint(0, 16, (64, 1), device=TRITON_DEVICE)
-    assert forward_ops(check_ids=True, position_ids=position_ids) == [
+    assert forward_ops(check_ids="sync", position_ids=position_ids) == [
         "aten.aminmax.default", "aten.aminmax.default", "aten.stack.default", *to_host,
         "tokemb_fast.input_embedding_forward.default"]
 
 
-def test_plain_eager_calls_run_the_launcher_directly_and_match_the_op(monkeypatch):
-    # Outside tracing the launcher body runs without the op's dispatch (its host cost matters at
-    # GPT-2 sizes); the op itself still serves dispatch modes, tensor subclasses and torch.compile.
+def test_plain_eager_calls_run_the_launchers_directly_and_match_the_ops(monkeypatch, kernel_launches):
+    # Outside tracing the launchers run without the ops' dispatch (their host cost matters at
+    # GPT-2 sizes); the ops themselves still serve dispatch modes, tensor subclasses and torch.compile.
     ids = torch.randint(0, 50, (4, 8), device=TRITON_DEVICE)
     token_weight = torch.randn(50, 32, device=TRITON_DEVICE)
     position_weight = torch.randn(16, 32, device=TRITON_DEVICE)
-    args = (ids, token_weight, position_weight, None, 0, 0.0, None, None)
-    assert triton_ops._plain_eager(args)
-    assert not triton_ops._plain_eager((ids.as_subclass(Subclass),))
+    assert autograd._direct(ids, token_weight, position_weight, None)
+    assert not autograd._direct(ids.as_subclass(Subclass), token_weight)
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
-        assert not triton_ops._plain_eager(args)
+        assert not autograd._direct(ids, token_weight)
     with RecordOps():
-        assert not triton_ops._plain_eager(args)
-    # ... with wrap_triton off, as the op's own eager body runs it: with it on, each launch goes
-    # through wrap_triton's tracing operator (4x slower per call on an H100).
-    from torch._library.triton import is_wrap_triton_enabled
-    wrap_states = []
+        assert not autograd._direct(ids, token_weight)
+    # Neither path launches through wrap_triton's tracing operator outside tracing (4x slower
+    # per call on an H100): both take tokemb_fast.launch's launches.
+    wrapped = []
     original_wrap = triton_ops.wrap_triton
-    monkeypatch.setattr(triton_ops, "wrap_triton",
-                        lambda kernel: wrap_states.append(is_wrap_triton_enabled()) or original_wrap(kernel))
-    direct = triton_ops.input_embedding_forward(*args)
-    assert wrap_states == [False]
-    through_op = triton_ops.input_embedding_forward.op(*args)
-    assert torch.equal(direct, through_op)
+    monkeypatch.setattr(triton_ops, "wrap_triton", lambda kernel: wrapped.append(kernel) or original_wrap(kernel))
+    args = (ids, token_weight, position_weight, None, 0, 0.0, None, None, None)
     grad_out = torch.randn(4, 8, 32, device=TRITON_DEVICE)
     grad_args = (grad_out, ids, 50, 0, -1, False, 1, 0.0, None, None)
-    assert torch.equal(triton_ops.embedding_dense_grad(*grad_args), triton_ops.embedding_dense_grad.op(*grad_args))
+    direct = triton_ops.input_embedding_forward.direct(*args), triton_ops.embedding_dense_grad.direct(*grad_args)
+    direct_launches = list(kernel_launches)
+    kernel_launches.clear()
+    through_op = triton_ops.input_embedding_forward(*args), triton_ops.embedding_dense_grad(*grad_args)
+    assert torch.equal(direct[0], through_op[0]) and torch.equal(direct[1], through_op[1])
+    assert wrapped == []
+    assert [name for name, _ in kernel_launches] == [name for name, _ in direct_launches]
+    assert [name for name, _ in direct_launches][:2] == ["input_embedding_fwd_kernel", "segment_bounds_kernel"]
+
+
+def test_plain_training_takes_the_direct_path_and_records_no_double_backward_graph(kernel_launches, monkeypatch):
+    # The common case pays nothing for double backward or torch.func support.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    calls = []
+    for name in ("differentiable_table_grads", "table_grads"):
+        original = getattr(autograd, name)
+        monkeypatch.setattr(autograd, name, lambda *a, _name=name, _original=original: calls.append(_name)
+                            or _original(*a))
+    weights = [torch.randn(50, 32, device=TRITON_DEVICE, requires_grad=True) for _ in range(2)]
+    ids = torch.randint(0, 50, (4, 8), device=TRITON_DEVICE)
+    out = fused_input_embedding(ids, *weights)
+    out.sum().backward()
+    assert calls == ["table_grads"]
+    assert weights[0].grad.grad_fn is None and not weights[0].grad.requires_grad
+    grads = torch.autograd.grad(fused_input_embedding(ids, *weights).square().sum(), weights, create_graph=True)
+    assert calls == ["table_grads", "differentiable_table_grads", "table_grads"]
+    assert all(grad.requires_grad for grad in grads)
 
 
 class Subclass(torch.Tensor):

@@ -9,7 +9,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
 
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, launches_of
 from tokemb_fast import swap_input_embeddings, triton_ops  # noqa: E402
 
 DEVICE = TRITON_DEVICE.type
@@ -32,10 +32,7 @@ def output(model, **kwargs):
 
 
 @pytest.mark.parametrize("positions", ["absent", "1xT", "BxT_left_padded"])
-def test_outputs_and_every_gradient_match(backend, positions, monkeypatch):
-    launches = []
-    forward_op = triton_ops.input_embedding_forward
-    monkeypatch.setattr(triton_ops, "input_embedding_forward", lambda *a: launches.append(1) or forward_op(*a))
+def test_outputs_and_every_gradient_match(backend, positions, kernel_launches):
     original, swapped = pair()
     ids = torch.randint(1, 61, (3, 12), device=DEVICE)
     kwargs = {"input_ids": ids}
@@ -53,7 +50,7 @@ def test_outputs_and_every_gradient_match(backend, positions, monkeypatch):
     named = dict(swapped.named_parameters())
     for name, parameter in original.named_parameters():
         torch.testing.assert_close(named[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert len(launches) == (2 if backend == "triton" else 0)  # the probe after the swap, then this call
+    assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (2 if backend == "triton" else 0)  # the probe after the swap, then this call
 
 
 def test_gpt2_model_token_types_and_inputs_embeds(backend):

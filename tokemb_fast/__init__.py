@@ -1,17 +1,25 @@
 """tokemb-fast: the first layer of a GPT model (token embedding + absolute position embedding),
 fused into one Triton kernel on the GPU with a deterministic hand-written backward, and plain
 PyTorch on the CPU."""
-from .functional import FusedInputEmbeddingFunction, fused_input_embedding
+from .autograd import EmbeddingGradFunction, FusedInputEmbeddingFunction, dropout_seed
+from .functional import fused_input_embedding
+from .id_check import check_ids_now
 from .module import FusedInputEmbedding, SinusoidalPositionEmbedding, sinusoidal_table
+from .options import LookupOptions, TableOptions
 from .reference import input_embedding_reference
 from .swap import swap_input_embeddings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EmbeddingGradFunction",
     "FusedInputEmbedding",
     "FusedInputEmbeddingFunction",
+    "LookupOptions",
     "SinusoidalPositionEmbedding",
+    "TableOptions",
+    "check_ids_now",
+    "dropout_seed",
     "fused_input_embedding",
     "input_embedding_reference",
     "sinusoidal_table",

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .data import GPT2_VOCAB_SIZE, SAMPLE_TEXT_FILE, create_dataloader, gpt2_encoding, sample_text
-from .functional import _resolve_backend
+from .functional import resolve_backend
 from .module import FusedInputEmbedding
 from .reference import input_embedding_reference
 
@@ -42,7 +42,7 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
 
 
 def _path_description(device: torch.device) -> str:
-    backend = _resolve_backend(None, device)
+    backend = resolve_backend(None, device)
     if backend == "torch":
         return "torch (plain PyTorch: F.embedding + F.embedding)"
     if device.type == "cpu":
@@ -109,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
         reference_s = _median_seconds(lambda: input_embedding_reference(inputs, *weights), device, args.repeats)
     print(f"  time/batch  fused {fused_s * 1e6:.1f} us, reference {reference_s * 1e6:.1f} us "
           f"(median of {args.repeats}, host clock; {reference_s / fused_s:.2f}x)")
-    if device.type == "cpu" and _resolve_backend(None, device) == "torch":
+    if device.type == "cpu" and resolve_backend(None, device) == "torch":
         print("  note        on the CPU both sides are the same plain-PyTorch code; run on a GPU to see the kernel")
     return 0 if ok else 1
 

@@ -1,151 +1,83 @@
-"""The op: ``fused_input_embedding`` and its autograd Function.
+"""The op: ``fused_input_embedding``.
 
 Data flow: FusedInputEmbedding (module) -> fused_input_embedding (this file: checks, picks a
-path) -> FusedInputEmbeddingFunction -> tokemb_fast::* custom ops (triton_ops.py) -> kernels/.
-On the plain-PyTorch path the reference sum runs instead and PyTorch's autograd differentiates it.
+path) -> FusedInputEmbeddingFunction (autograd.py) -> the launchers (triton_ops.py) ->
+kernels/. On the plain-PyTorch path ``F.embedding + F.embedding`` runs instead (the sum
+``reference.py`` defines) and PyTorch's autograd differentiates it.
+
+Every call is checked, but the outcome of the checks that look only at shapes, dtypes, devices
+and options is kept per key (``_prepared``), so a call that repeats an earlier one's shapes
+costs a dict lookup: at the GPT-2 sizes the host time of a call is what users feel.
 """
 import os
-from typing import Optional
+import sys
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
+from .autograd import _forward_ad_active, _FusedInputEmbedding, _in_transform, apply_checked, dropout_seed, run_forward
+from .options import LookupOptions, TableOptions, check_mode
 from .reference import default_position_ids, input_embedding_reference
 from .validation import check_dropout, check_id_ranges, check_inputs, check_table_options
 
-try:
-    from . import triton_ops
-    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as exc:  # Triton missing: the plain-PyTorch path still works everywhere.
-    triton_ops = None
-    _TRITON_IMPORT_ERROR = exc
-
 BACKENDS = ("auto", "triton", "torch")
+_TRITON_IMPORT_ERROR: Optional[BaseException] = None
 
 
-def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """'triton' or 'torch' for this call. Read per call, so the env var can change at run time."""
+def triton_available() -> bool:
+    """Whether Triton imports here (checked once, without importing the kernels)."""
+    global _TRITON_IMPORT_ERROR
+    if _TRITON_IMPORT_ERROR is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON_IMPORT_ERROR = False
+        except ImportError as exc:
+            _TRITON_IMPORT_ERROR = exc
+    return _TRITON_IMPORT_ERROR is False
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run on Triton's CPU interpreter in this process (decided when the
+    kernels are first imported, from TRITON_INTERPRET)."""
+    triton_ops = sys.modules.get("tokemb_fast.triton_ops")
+    if triton_ops is not None:
+        return triton_ops.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """'triton' or 'torch' for a call on ``device``. Read per call, so the env var can change at run time."""
     choice = backend if backend is not None else os.environ.get("TOKEMB_FAST_BACKEND", "auto")
-    choice = choice.strip().lower()
+    choice = choice.strip().lower() if isinstance(choice, str) else choice
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (argument or TOKEMB_FAST_BACKEND), got {choice!r}")
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_ops is not None else "torch"
-    if triton_ops is None:
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                         f"not on {device.type} tensors")
+    if not triton_available():
         raise RuntimeError(f"backend 'triton' was asked for but Triton cannot be imported: {_TRITON_IMPORT_ERROR}")
-    if device.type == "cpu" and not triton_ops.INTERPRETED:
+    if device.type == "cpu" and not interpreted():
         raise RuntimeError(
             "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
             "environment before importing tokemb_fast")
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"backend 'triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device.type}")
     return "triton"
 
 
-class FusedInputEmbeddingFunction(torch.autograd.Function):
-    """Autograd for the fused op (Triton path)::
-
-        FusedInputEmbeddingFunction.apply(input_ids, token_weight, position_weight, position_ids=None,
-                                          past_length=0, check_ids=True, padding_idx=None,
-                                          scale_grad_by_freq=False, sparse=False, position_padding_idx=None,
-                                          position_scale_grad_by_freq=False, position_sparse=False,
-                                          dropout_p=0.0)
-
-    Saves only the ids (and position ids, if given) for the backward: the gradient of a gather
-    needs to know where each row came from, never the tables' values or the output. With dropout
-    it also saves the call's seed and scale (one element each), never a mask. Arguments are
-    checked as in ``fused_input_embedding`` (``check_ids=None`` means the caller already did).
-    ``max_norm`` is not an argument: it renormalises the tables before the lookup, outside autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, input_ids, token_weight, position_weight, position_ids=None, past_length=0, check_ids=True,
-                padding_idx=None, scale_grad_by_freq=False, sparse=False, position_padding_idx=None,
-                position_scale_grad_by_freq=False, position_sparse=False, dropout_p=0.0):
-        if check_ids is not None:
-            dropout_p = check_dropout(dropout_p)
-            position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length,
-                                        check_ids)
-            padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, None, 2.0)
-            position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx,
-                                                       None, 2.0)
-        ids_2d = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
-        positions_2d = None
-        if position_ids is not None:
-            positions_2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-        # Only a row stride is passed to the kernels; a table with a strided last dim is rare
-        # (a transposed view) and gets a contiguous copy rather than a wrong answer.
-        seed = scale = None
-        if dropout_p > 0:
-            seed, scale = _dropout_state(dropout_p, token_weight.device)
-        out = triton_ops.input_embedding_forward(
-            ids_2d, _unit_column_stride(token_weight), _unit_column_stride(position_weight),
-            positions_2d, past_length, dropout_p, seed, scale)
-        ctx.save_for_backward(ids_2d, positions_2d, seed, scale)
-        ctx.dropout_p = dropout_p
-        ctx.past_length = past_length
-        ctx.vocab_size = token_weight.shape[0]
-        ctx.num_positions = position_weight.shape[0]
-        ctx.one_dim = input_ids.dim() == 1
-        ctx.token_options = (padding_idx, scale_grad_by_freq, sparse)
-        ctx.position_options = (position_padding_idx, position_scale_grad_by_freq, position_sparse)
-        return out[0] if ctx.one_dim else out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        ids_2d, positions_2d, seed, scale = ctx.saved_tensors
-        dropout = (ctx.dropout_p, seed, scale)
-        if ctx.one_dim:
-            grad_out = grad_out.unsqueeze(0)
-        batch, seq_len = grad_out.shape[:2]
-        grad_token = grad_position = None
-        if ctx.needs_input_grad[1]:
-            grad_token = _table_grad(grad_out, ids_2d, ctx.vocab_size, 0, 1, *ctx.token_options, dropout)
-        if ctx.needs_input_grad[2]:
-            # The position ids nn.Embedding would have looked up: [T] (shared by the batch) or [B, T].
-            shared = positions_2d is None or (positions_2d.shape[0] == 1 and batch != 1)
-            if positions_2d is not None and shared:
-                positions_2d = positions_2d.expand(batch, -1)
-            grad_position = _table_grad(grad_out, positions_2d, ctx.num_positions, ctx.past_length,
-                                        max(batch, 1) if shared else 1, *ctx.position_options, dropout)
-        return (None, grad_token, grad_position) + (None,) * 10
+class _Prepared(NamedTuple):
+    """What the checks of a call concluded, for every later call with the same key."""
+    use_triton: bool
+    options: LookupOptions          # normalised (padding rows >= 0)
+    renorm: bool                    # max_norm on either table
+    check_on_error: bool            # plain PyTorch on CPU: F.embedding's own IndexError triggers our check
 
 
-def _dropout_state(dropout_p: float, device: torch.device):
-    """This call's dropout seed and scale, as 1-element device tensors.
-
-    Drawn from the device's default generator by a device op: torch.manual_seed reproduces a run,
-    consecutive calls get fresh masks, no host sync happens and a captured CUDA graph draws a
-    fresh seed at each replay.
-    """
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    scale = torch.full((1,), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0, dtype=torch.float64, device=device)
-    return seed, scale
-
-
-def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx, scale_grad_by_freq, sparse,
-                dropout):
-    dropout_p, seed, scale = dropout
-    if sparse:
-        if seed is not None:
-            grad_out = triton_ops.dropout_masked_grad(grad_out, dropout_p, seed, scale)
-        # A sparse gradient is the upstream rows themselves, indexed by id: no reduction, so
-        # nothing to fuse. Built by the function nn.Embedding uses, so it is the same tensor.
-        # Positions shared by the batch were looked up once, as [T]; their rows sum over the batch.
-        if keys is None:
-            grad_out, keys = grad_out.sum(0), default_position_ids(grad_out.shape[1], past_length, grad_out.device)
-        elif count_divisor != 1:
-            grad_out, keys = grad_out.sum(0), keys[0]
-        return torch.ops.aten.embedding_backward(grad_out, keys, num_rows, -1 if padding_idx is None else padding_idx,
-                                                 scale_grad_by_freq, True)
-    return triton_ops.embedding_dense_grad(grad_out, keys, num_rows, past_length,
-                                           -1 if padding_idx is None else padding_idx, scale_grad_by_freq,
-                                           count_divisor, dropout_p, seed, scale)
-
-
-def _unit_column_stride(weight: torch.Tensor) -> torch.Tensor:
-    return weight if weight.stride(1) == 1 or weight.shape[1] <= 1 else weight.contiguous()
+_prepared = {}
+_MAX_PREPARED = 4096
 
 
 def fused_input_embedding(
@@ -167,7 +99,7 @@ def fused_input_embedding(
     position_sparse: bool = False,
     dropout_p: float = 0.0,
     training: bool = True,
-    check_ids: bool = True,
+    check_ids=True,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``dropout(token_weight[input_ids] + position_weight[positions])`` in one pass.
@@ -183,58 +115,155 @@ def fused_input_embedding(
             the token table, with the same meaning; ``position_*``: the same for the position table.
         dropout_p, training: ``F.dropout`` of the sum, fused (the mask is regenerated from a seed
             in the backward, never stored). Off unless training and dropout_p > 0.
-        check_ids: check that every id and position is inside its table (one host sync on a GPU).
-            With False an out-of-range id is never dereferenced; its output row is NaN.
+        check_ids: True (default): an id or position outside its table raises ``IndexError``; on
+            the Triton path the kernel finds it and the error is raised without a host sync, at
+            the latest in the backward of the call, or at the next call for an inference call
+            (see the README). ``"sync"``: checked before the launch (one host sync on a GPU).
+            False: not checked (an out-of-range id is still never dereferenced; its row is NaN).
         backend: 'auto' (Triton for CUDA tensors, PyTorch otherwise), 'triton' or 'torch';
             default from TOKEMB_FAST_BACKEND, else 'auto'.
 
     Returns:
         [T, D] or [B, T, D] in the tables' dtype.
     """
-    if not isinstance(token_weight, torch.Tensor):
-        raise TypeError(f"token_weight must be a torch.Tensor, got {type(token_weight).__name__}")
-    use_triton = _resolve_backend(backend, token_weight.device) == "triton"
-    # On the CPU, F.embedding bounds-checks every id itself, so the range check (a reduction per
-    # call, about as costly as the lookup at small sizes) can wait for its IndexError, unless
-    # max_norm would renormalise a table before the lookup fails.
-    check_later = check_ids and not use_triton and token_weight.device.type == "cpu" and \
-        max_norm is None and position_max_norm is None
-    # Every check runs before max_norm touches a table, so a rejected call changes nothing.
-    position_ids = check_inputs(input_ids, token_weight, position_weight, position_ids, past_length,
-                                check_ids and not check_later)
-    padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, max_norm, norm_type)
-    position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx,
-                                               position_max_norm, position_norm_type)
-    dropout_p = check_dropout(dropout_p) if training else 0.0
-    if not use_triton:
+    table_options = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, position_padding_idx,
+                     position_max_norm, position_norm_type, position_scale_grad_by_freq, position_sparse)
+    return _fused(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
+                  dropout_p if training else 0.0, check_ids, backend)
+
+
+def _fused(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
+           backend):
+    """fused_input_embedding with nn.Embedding's ten options as one tuple, in the order of its
+    signature (token table, then position table): the module's call."""
+    compiling = torch.compiler.is_compiling()
+    prepared = key = None
+    if not compiling:
         try:
-            out = input_embedding_reference(
-                input_ids, token_weight, position_weight, position_ids, past_length,
-                padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
-                scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, position_padding_idx=position_padding_idx,
-                position_max_norm=position_max_norm, position_norm_type=position_norm_type,
-                position_scale_grad_by_freq=position_scale_grad_by_freq, position_sparse=position_sparse)
+            key = (backend, os.environ.get("TOKEMB_FAST_BACKEND"), input_ids.shape, input_ids.dtype, input_ids.device,
+                   token_weight.shape, token_weight.dtype, token_weight.device, position_weight.shape,
+                   position_weight.dtype, position_weight.device,
+                   None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
+                   # Types too: True == 1 and hashes alike, but only one of them is a valid past_length.
+                   past_length, type(past_length), table_options, tuple(map(type, table_options)), dropout_p,
+                   type(dropout_p), check_ids, type(check_ids))
+            prepared = _prepared.get(key)
+        except (AttributeError, TypeError):  # not tensors, or unhashable options: the checks say what
+            key = None
+    if prepared is None:
+        prepared = _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
+                            dropout_p, check_ids, backend)
+        if key is not None:
+            if len(_prepared) >= _MAX_PREPARED:
+                _prepared.clear()
+            _prepared[key] = prepared
+    options = prepared.options
+
+    if not prepared.use_triton:
+        if check_ids and not prepared.check_on_error:
+            check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
+        try:
+            out = _plain_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared,
+                             table_options)
         except IndexError:
-            if check_later:  # raise ours, naming the bad id and the limit
+            if prepared.check_on_error:  # raise ours, naming the bad id and the limit
                 check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
             raise
         # A different random stream from the kernels' (PyTorch's CPU/CUDA generator vs Philox in Triton).
-        return torch.nn.functional.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
-    # max_norm: rows looked up in this call are renormalised in place first, by the same function
-    # F.embedding uses, so the same rows change by the same amounts.
-    if max_norm is not None:
-        _renorm_rows(token_weight, input_ids, max_norm, norm_type)
-    if position_max_norm is not None:
-        looked_up = position_ids if position_ids is not None else \
-            default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
-        _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type)
-    return FusedInputEmbeddingFunction.apply(
-        input_ids, token_weight, position_weight, position_ids, past_length, None, padding_idx,
-        scale_grad_by_freq, sparse, position_padding_idx, position_scale_grad_by_freq, position_sparse, dropout_p)
+        return F.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
+
+    if prepared.renorm:
+        # max_norm: rows looked up in this call are renormalised in place first, by the function
+        # F.embedding uses (on the detached table, as F.embedding does), so the same rows change
+        # by the same amounts. The ids are checked first, so that a rejected call changes nothing.
+        max_norm, norm_type, position_max_norm, position_norm_type = (table_options[1], table_options[2],
+                                                                      table_options[6], table_options[7])
+        if check_ids:
+            check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
+        if max_norm is not None:
+            _renorm_rows(token_weight, input_ids, max_norm, norm_type)
+        if position_max_norm is not None:
+            looked_up = position_ids if position_ids is not None else \
+                default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
+            _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type)
+    seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
+    if compiling:
+        return _FusedInputEmbedding.apply(input_ids, token_weight, position_weight, position_ids, options, seed)
+    if (torch.is_grad_enabled() and (token_weight.requires_grad or position_weight.requires_grad)) or \
+            _forward_ad_active() or _in_transform():
+        return apply_checked(input_ids, token_weight, position_weight, position_ids, options, seed)
+    # No gradient can flow: launch without an autograd node (the Function's own cost is ~10 us).
+    out, _record = run_forward(input_ids, token_weight, position_weight, position_ids, options, seed,
+                               wait_at_next_call=True)
+    return out
+
+
+def _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
+             backend) -> _Prepared:
+    """Every check that does not read tensor values; raises a clear exception or returns what
+    the call needs. A rejected call has changed nothing (max_norm has not run)."""
+    (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, position_padding_idx, position_max_norm,
+     position_norm_type, position_scale_grad_by_freq, position_sparse) = table_options
+    if not isinstance(token_weight, torch.Tensor):
+        raise TypeError(f"token_weight must be a torch.Tensor, got {type(token_weight).__name__}")
+    use_triton = resolve_backend(backend, token_weight.device) == "triton"
+    check_inputs(input_ids, token_weight, position_weight, position_ids, past_length)
+    padding_idx = check_table_options("token", token_weight.shape[0], padding_idx, max_norm, norm_type)
+    position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx,
+                                               position_max_norm, position_norm_type)
+    dropout_p = check_dropout(dropout_p)
+    check_ids = check_mode(check_ids)
+    options = LookupOptions(
+        token=TableOptions(padding_idx, bool(scale_grad_by_freq), bool(sparse)),
+        position=TableOptions(position_padding_idx, bool(position_scale_grad_by_freq), bool(position_sparse)),
+        past_length=past_length, dropout_p=dropout_p, check_ids=check_ids)
+    renorm = max_norm is not None or position_max_norm is not None
+    # On the CPU, F.embedding bounds-checks every id itself, so the range check (a reduction per
+    # call, about as costly as the lookup at small sizes) can wait for its IndexError, unless
+    # max_norm would renormalise a table before the lookup fails.
+    check_on_error = bool(check_ids) and not use_triton and token_weight.device.type == "cpu" and not renorm
+    return _Prepared(use_triton, options, renorm, check_on_error)
+
+
+_positions = {}
+
+
+def _default_positions(seq_len: int, past_length: int, device: torch.device) -> torch.Tensor:
+    # arange(T) + past_length, kept per (T, past_length, device): a read-only index tensor that
+    # every call with that shape would otherwise allocate and fill again.
+    key = (seq_len, past_length, device)
+    positions = _positions.get(key)
+    if positions is None:
+        if len(_positions) >= 256:
+            _positions.clear()
+        positions = _positions[key] = default_position_ids(seq_len, past_length, device)
+    return positions
+
+
+def _plain_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared, table_options):
+    """input_embedding_reference, minus the per-call work that the checks did already."""
+    (_, max_norm, norm_type, scale_grad_by_freq, sparse, _, position_max_norm, position_norm_type,
+     position_scale_grad_by_freq, position_sparse) = table_options
+    padding_idx, position_padding_idx = prepared.options.token.padding_idx, prepared.options.position.padding_idx
+    if position_ids is not None and input_ids.dim() == 1 and position_ids.dim() == 2:
+        position_ids = position_ids[0]
+    if prepared.renorm or input_ids.numel() == 0 or torch.compiler.is_compiling() or _in_transform():
+        return input_embedding_reference(
+            input_ids, token_weight, position_weight, position_ids, past_length,
+            padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq,
+            sparse=sparse, position_padding_idx=position_padding_idx, position_max_norm=position_max_norm,
+            position_norm_type=position_norm_type, position_scale_grad_by_freq=position_scale_grad_by_freq,
+            position_sparse=position_sparse)
+    if position_ids is None:
+        position_ids = _default_positions(input_ids.shape[-1], past_length, input_ids.device)
+    tokens = F.embedding(input_ids, token_weight, padding_idx, None, 2.0, scale_grad_by_freq, sparse)
+    positions = F.embedding(position_ids, position_weight, position_padding_idx, None, 2.0,
+                            position_scale_grad_by_freq, position_sparse)
+    return tokens + positions
 
 
 def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:
     if ids.numel() == 0:  # nothing to renormalise, and PyTorch's CUDA kernel rejects an empty index
         return
     with torch.no_grad():
-        torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)
+        torch.embedding_renorm_(weight.detach(), ids.contiguous(), max_norm, norm_type)

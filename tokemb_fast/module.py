@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import fused_input_embedding
+from .functional import _fused
 from .validation import check_dropout, check_table_options
 
 POSITION_KINDS = ("learned", "sinusoidal")
@@ -173,14 +173,14 @@ class FusedInputEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 past_length: int = 0) -> torch.Tensor:
-        tok, pos, drop = self.tok_emb, self.pos_emb, self.drop
-        return fused_input_embedding(
-            input_ids, tok.weight, pos.weight, position_ids=position_ids, past_length=past_length,
-            padding_idx=tok.padding_idx, max_norm=tok.max_norm, norm_type=tok.norm_type,
-            scale_grad_by_freq=tok.scale_grad_by_freq, sparse=tok.sparse,
-            position_padding_idx=pos.padding_idx, position_max_norm=pos.max_norm, position_norm_type=pos.norm_type,
-            position_scale_grad_by_freq=pos.scale_grad_by_freq, position_sparse=pos.sparse,
-            dropout_p=drop.p, training=drop.training, check_ids=self.check_ids)
+        # fused_input_embedding's arguments, read from the submodules at every call; positionally,
+        # because at GPT-2 sizes the host time of a call is what users feel.
+        modules = self._modules
+        tok, pos, drop = modules["tok_emb"], modules["pos_emb"], modules["drop"]
+        return _fused(input_ids, tok.weight, pos.weight, position_ids, past_length,
+                      (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
+                       pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
+                      drop.p if drop.training else 0.0, self.check_ids, None)
 
     def extra_repr(self) -> str:
         position = "sinusoidal" if isinstance(self.pos_emb, SinusoidalPositionEmbedding) else "learned"

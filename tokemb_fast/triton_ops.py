@@ -1,70 +1,58 @@
-"""Launchers for the Triton kernels, registered as PyTorch custom ops.
+"""Launchers for the Triton kernels: registered as PyTorch custom ops, and callable directly.
 
-Each launcher is a ``torch.library.triton_op`` whose body launches through ``wrap_triton``, so
-``torch.compile`` can see into it (no graph break, the kernels stay visible to Inductor) and
-FakeTensor tracing runs the same body without launching anything. Arguments arrive already
-checked by ``tokemb_fast.validation``; these functions only shape the launch.
+Each launcher serves two kinds of caller with the same kernel arguments, grids and constexprs:
+
+* ``torch.compile``, FakeTensor tracing and anything else that dispatches: the launcher is the
+  body of a ``torch.library.triton_op``, and each launch goes through ``wrap_triton``, so Dynamo
+  sees into it (no graph break) and Inductor sees the kernels.
+* Eager calls: ``op.direct`` (plain eager callers, without the op's dispatch; tokemb_fast.autograd
+  decides once per call) and the op's own eager body run the *planned* launcher, which keeps per
+  key the launch layout (grids, constexprs, buffer shapes: ``_forward_layout``, ``_grad_layout``)
+  and the binaries Triton chose (``tokemb_fast.launch``), so that a repeated call costs a dict
+  lookup and a few microseconds per launch instead of Triton's 20-50.
+
+Keys hold what determines the layout and Triton's specialisation: shapes, strides, dtypes,
+pointer alignment, options, and past_length by its class. Arguments arrive checked by
+``tokemb_fast.validation``; these functions only shape the launch.
 
 Importing this module imports Triton and the kernels. ``TRITON_INTERPRET=1`` must be set before
 that import for the kernels to run on CPU tensors (Triton decides at decoration time).
 """
-import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
+from .launch import CachedKernel, PlanCache, aligned, current_stream, hooks_installed, int_class
 
 #: True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# On a GPU the ops are triton_ops: torch.compile traces their bodies (wrap_triton turns each
-# launch into a graph node) and Inductor sees the kernels. The interpreter launches even on
-# FakeTensors, so there the ops are opaque custom ops with explicit fake impls (end of file):
-# torch.compile then still traces the model around them, which is what CPU tests can check.
-#
-# Outside any tracing, calling a triton_op still pays PyTorch's dispatch (autograd key, backend
-# lookup, a disabled-Dynamo frame) before the launcher body runs. In plain eager mode (not
-# compiling, no dispatch mode such as FakeTensor or make_fx active, plain tensors) the body runs
-# directly, exactly as the op's own eager implementation runs it: with wrap_triton switched off,
-# so each launch goes straight to Triton (with wrap_triton on, every launch went through its
-# tracing operator: 4x slower per call on the H100, 2026-11-27). Autograd is unaffected: the ops
-# are only called inside FusedInputEmbeddingFunction, which provides the backward.
-try:  # private (torch 2.13 has it); where it is missing, every call takes the op
-    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+# Whether wrap_triton traces (inside torch.compile / FakeTensor tracing of a triton_op body) or
+# launches straight away (triton_op's own eager body turns it off).
+try:  # private (torch 2.11 to 2.13 have it)
+    from torch._library.triton import is_wrap_triton_enabled
 except ImportError:  # pragma: no cover
-    _set_wrap_triton_enabled = None
+    def is_wrap_triton_enabled() -> bool:
+        return True
 
 
-def _plain_eager(args) -> bool:
-    if _set_wrap_triton_enabled is None or torch.compiler.is_compiling() \
-            or _get_current_dispatch_mode() is not None:
-        return False
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and (type(arg) not in (torch.Tensor, torch.nn.Parameter)
-                                              or torch._C._functorch.is_functorch_wrapped_tensor(arg)):
-            return False
-    return True
+def _tracing() -> bool:
+    # The interpreter's ops are opaque custom ops whose bodies only ever see real tensors.
+    return not INTERPRETED and is_wrap_triton_enabled()
 
 
-def _define_op(name: str, mutates_args=()):
+def _define_op(name: str, planned, mutates_args=()):
+    """Register the decorated launcher as the op ``name``; ``op.direct`` is ``planned``, the
+    launcher's eager form (which the op's body also runs when not tracing)."""
     def define(launcher):
         op = (custom_op if INTERPRETED else triton_op)(name, mutates_args=mutates_args)(launcher)
-
-        @functools.wraps(launcher)
-        def call(*args):
-            if not _plain_eager(args):
-                return op(*args)
-            with _set_wrap_triton_enabled(False):
-                return launcher(*args)
-        call.op = op
-        call.register_fake = op.register_fake
-        return call
+        op.direct = planned
+        return op
     return define
 
 
@@ -99,15 +87,6 @@ def _block_d(dim: int, cap: int) -> int:
     D = 768 takes 256 (three full blocks) rather than 1024 (a quarter of the lanes idle);
     D = 1600 takes 128 (13 blocks, 4% padding) rather than 2048 (22%).
     """
-    # Memoised for plain ints: computing it was ~10% of a forward call's host time (measured with
-    # bench/host_overhead.py). Under torch.compile with dynamic shapes D is a SymInt, which a
-    # cache cannot hash (lru_cache failed opcheck's dynamic-shape test on the H100).
-    if type(dim) is int and type(cap) is int:
-        return _block_d_cached(dim, cap)
-    return _block_d_uncached(dim, cap)
-
-
-def _block_d_uncached(dim: int, cap: int) -> int:
     full = min(triton.next_power_of_2(max(dim, 1)), cap)
     best, best_padding = full, None
     block = full
@@ -119,9 +98,6 @@ def _block_d_uncached(dim: int, cap: int) -> int:
             best, best_padding = block, padding
         block //= 2
     return best
-
-
-_block_d_cached = functools.lru_cache(maxsize=256)(_block_d_uncached)
 
 
 def _forward_configs():
@@ -141,12 +117,23 @@ _FIXED_FORWARD_CONFIG = {"TILE": TILE, "num_warps": 4}
 _autotuned_forward = None if INTERPRETED else \
     triton.autotune(configs=_forward_configs(), key=["dim"])(input_embedding_fwd_kernel)
 
+_FORWARD = CachedKernel(input_embedding_fwd_kernel)
+_AUTOTUNED_FORWARD = None if _autotuned_forward is None else CachedKernel(_autotuned_forward)
+_SEGMENT_BOUNDS = CachedKernel(segment_bounds_kernel)
+_CHUNK_SUMS = CachedKernel(segment_chunk_sums_kernel)
+_GRAD_ROWS = CachedKernel(embedding_grad_rows_kernel)
+_DROPOUT_MASK = CachedKernel(apply_dropout_mask_kernel)
+
 
 def _forward_launch(n_elements: int):
     """(kernel, meta-parameters the launch passes) for a forward of n_elements outputs."""
     if _autotuned_forward is None or n_elements < AUTOTUNE_MIN_ELEMENTS:
-        return input_embedding_fwd_kernel, _FIXED_FORWARD_CONFIG
-    return _autotuned_forward, {}
+        return _FORWARD, _FIXED_FORWARD_CONFIG
+    return _AUTOTUNED_FORWARD, {}
+
+
+def _traced_launch(kernel: CachedKernel, grid, args, constexprs) -> None:
+    wrap_triton(kernel.kernel)[grid](*args, **constexprs)
 
 
 def _dropout_args(dropout_p, dropout_seed, dropout_scale, placeholder):
@@ -167,7 +154,76 @@ def _batch_stride(tensor: torch.Tensor) -> int:
     return 0 if tensor.shape[0] == 1 else tensor.stride(0)
 
 
-@_define_op("tokemb_fast::input_embedding_forward", mutates_args=())
+# --- forward ------------------------------------------------------------------------------------
+
+class _Layout(NamedTuple):
+    kernel: CachedKernel
+    grid: object       # a tuple, or for the autotuned forward a callable of the meta-parameters
+    constexprs: dict
+
+
+def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check) -> _Layout:
+    block_d = _block_d(dim, 1024)
+    kernel, fixed_config = _forward_launch(n_rows * dim)
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, max(1, meta["TILE"] // block_d)), triton.cdiv(dim, block_d))
+
+    return _Layout(kernel, grid(fixed_config) if fixed_config else grid, dict(
+        HAS_POSITION_IDS=has_position_ids, HAS_DROPOUT=has_dropout, CHECK_IDS=check,
+        ALIGNED4=_aligned4(dim, block_d), ACC_FP64=dtype == torch.float64, BLOCK_D=block_d, **fixed_config))
+
+
+def _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                  dropout_scale, id_flag):
+    # The kernel never reads position_ids when there are none, nor the seed or flag when off;
+    # any pointer will do (the ids: their dtype and alignment are in every key already).
+    pos_ids = input_ids if position_ids is None else position_ids
+    batch, seq_len = input_ids.shape
+    return (out,
+            input_ids, _batch_stride(input_ids), input_ids.stride(1),
+            pos_ids, _batch_stride(pos_ids), pos_ids.stride(1),
+            token_weight, token_weight.stride(0),
+            position_weight, position_weight.stride(0),
+            batch * seq_len, seq_len, token_weight.shape[1], token_weight.shape[0], position_weight.shape[0],
+            past_length, *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
+            input_ids if id_flag is None else id_flag)
+
+
+_forward_plans = PlanCache()
+
+
+def _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                     dropout_scale, id_flag):
+    batch, seq_len = input_ids.shape
+    dim = token_weight.shape[1]
+    out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
+    if batch * seq_len == 0 or dim == 0:
+        return out
+    args = _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
+                         dropout_seed, dropout_scale, id_flag)
+    device, stream = current_stream()
+    # Everything Triton specialises on, given that the tables' columns have unit stride and
+    # out, the seed, the scale and the flag are fresh (aligned) allocations.
+    key = (device, input_ids.shape, input_ids.stride(), input_ids.dtype, aligned(input_ids),
+           None if position_ids is None else
+           (position_ids.shape, position_ids.stride(), position_ids.dtype, aligned(position_ids)),
+           token_weight.shape, token_weight.stride(0), token_weight.dtype, aligned(token_weight),
+           position_weight.shape, position_weight.stride(0), aligned(position_weight),
+           int_class(past_length), None if dropout_seed is None else dropout_p, id_flag is None)
+    plan = _forward_plans.get(key)
+    if plan is not None and not hooks_installed():
+        plan(stream, args)
+        return out
+    layout = _forward_layout(batch * seq_len, dim, token_weight.dtype, position_ids is not None,
+                             dropout_seed is not None, id_flag is not None)
+    plan = layout.kernel.launch(layout.grid, args, layout.constexprs)
+    if plan is not None:
+        _forward_plans.add(key, plan)
+    return out
+
+
+@_define_op("tokemb_fast::input_embedding_forward", _forward_planned, mutates_args=("id_flag",))
 def input_embedding_forward(
     input_ids: torch.Tensor,
     token_weight: torch.Tensor,
@@ -177,46 +233,144 @@ def input_embedding_forward(
     dropout_p: float,
     dropout_seed: Optional[torch.Tensor],
     dropout_scale: Optional[torch.Tensor],
+    id_flag: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """[B, T] ids -> [B, T, D] = dropout(token_weight[ids] + position_weight[positions]).
 
     Dropout is on when dropout_seed (int64 [1]) is given: elements are zeroed with probability
-    dropout_p and the rest multiplied by dropout_scale (fp64 [1], 1/(1-p)).
+    dropout_p and the rest multiplied by dropout_scale (fp64 [1], 1/(1-p)). With id_flag (int64
+    [ID_FLAG_SIZE], see tokemb_fast.id_check), ids and positions outside their tables are
+    recorded there; their output rows are NaN either way. The tables' columns must have unit stride.
     """
+    if not _tracing():
+        return _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
+                                dropout_seed, dropout_scale, id_flag)
     batch, seq_len = input_ids.shape
     dim = token_weight.shape[1]
     out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
-    n_rows = batch * seq_len
-    if n_rows == 0 or dim == 0:
+    if batch * seq_len == 0 or dim == 0:
         return out
-    has_position_ids = position_ids is not None
-    # The kernel never reads position_ids when has_position_ids is False; any pointer will do.
-    pos_ids = position_ids if has_position_ids else input_ids
-    block_d = _block_d(dim, 1024)
-    kernel, fixed_config = _forward_launch(n_rows * dim)
-
-    def grid(meta):
-        return (triton.cdiv(n_rows, max(1, meta["TILE"] // block_d)), triton.cdiv(dim, block_d))
-
-    wrap_triton(kernel)[grid](
-        out,
-        input_ids, _batch_stride(input_ids), input_ids.stride(1),
-        pos_ids, _batch_stride(pos_ids), pos_ids.stride(1),
-        token_weight, token_weight.stride(0),
-        position_weight, position_weight.stride(0),
-        n_rows, seq_len, dim, token_weight.shape[0], position_weight.shape[0], past_length,
-        *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
-        HAS_POSITION_IDS=has_position_ids,
-        HAS_DROPOUT=dropout_seed is not None,
-        ALIGNED4=_aligned4(dim, block_d),
-        ACC_FP64=token_weight.dtype == torch.float64,
-        BLOCK_D=block_d,
-        **fixed_config,
-    )
+    layout = _forward_layout(batch * seq_len, dim, token_weight.dtype, position_ids is not None,
+                             dropout_seed is not None, id_flag is not None)
+    _traced_launch(layout.kernel, layout.grid, _forward_args(out, input_ids, token_weight, position_weight,
+                                                             position_ids, past_length, dropout_p, dropout_seed,
+                                                             dropout_scale, id_flag), layout.constexprs)
     return out
 
 
-@_define_op("tokemb_fast::embedding_dense_grad", mutates_args=())
+# --- backward -----------------------------------------------------------------------------------
+
+class _GradLayout(NamedTuple):
+    int32_keys: bool
+    acc_dtype: torch.dtype
+    n_chunks: int
+    bounds: Optional[tuple]   # (grid, constexprs) of each launch, None when it is skipped
+    chunks: Optional[tuple]
+    rows: tuple
+
+
+def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, has_dropout, dtype) -> _GradLayout:
+    n_entries = batch * seq_len
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    n_chunks = n_entries // GRAD_CHUNK
+    if implicit and batch < GRAD_CHUNK:
+        # Default positions' segments are B entries long, so none covers a whole chunk: the
+        # chunk kernel would find nothing to sum. Skip its launch (the row kernel reads no partial).
+        n_chunks = 0
+    common = dict(IMPLICIT_POSITIONS=implicit, ACC_FP64=acc_dtype == torch.float64, CHUNK=GRAD_CHUNK,
+                  HAS_DROPOUT=has_dropout)
+    bounds = None if implicit else \
+        ((triton.cdiv(num_rows + 1, SEARCH_BLOCK),), dict(BLOCK=SEARCH_BLOCK, num_warps=4))
+    chunks = None
+    if n_chunks > 0:
+        chunk_block_d = _block_d(dim, 256)
+        chunks = ((n_chunks, triton.cdiv(dim, chunk_block_d)),
+                  dict(BLOCK_D=chunk_block_d, ALIGNED4=_aligned4(dim, chunk_block_d), num_warps=4, **common))
+    block_d = _block_d(dim, 256)
+    # Triton vectorises only what it can prove aligned, i.e. when the integer D is divisible by 16.
+    # Otherwise every element is read with its own 64-bit address: half the tile keeps those in
+    # registers (ptxas spilled at D=100 otherwise).
+    tile = GRAD_TILE if dim % 16 == 0 else GRAD_TILE // 2
+    rows_per_program = min(GRAD_MAX_ROWS, max(1, tile // block_d))
+    rows = ((triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d)), dict(
+        SCALE_BY_FREQ=scale_grad_by_freq, SHORT=GRAD_SHORT, LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program,
+        BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d), num_warps=4, **common))
+    # 32-bit keys halve the radix sort's passes.
+    return _GradLayout(num_rows <= torch.iinfo(torch.int32).max, acc_dtype, n_chunks, bounds, chunks, rows)
+
+
+class _GradPlans:
+    """The layout of one backward key and the binaries of its launches."""
+
+    __slots__ = ("layout", "bounds", "chunks", "rows")
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.bounds = self.chunks = self.rows = None
+
+
+_grad_plans = PlanCache()
+
+
+def _planned_launch(plans: _GradPlans, slot: str, kernel: CachedKernel, stream, args) -> None:
+    plan = getattr(plans, slot)
+    if plan is not None and not hooks_installed():
+        plan(stream, args)
+    else:
+        grid, constexprs = getattr(plans.layout, slot)
+        setattr(plans, slot, kernel.launch(grid, args, constexprs))
+
+
+def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor, dropout_p,
+                dropout_seed, dropout_scale, layout, launch):
+    """The body both forms share: ``launch(slot, kernel, args)`` launches one kernel."""
+    batch, seq_len, dim = grad_out.shape
+    grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
+    if num_rows == 0 or dim == 0:
+        return grad_table
+    implicit = keys is None
+    n_entries = batch * seq_len
+    if implicit:
+        # Never read: the sorted order of default positions is computed in the kernel.
+        sorted_keys = order = bounds = grad_table
+    else:
+        # Stable, so equal keys keep (b, t) order and the summation order is reproducible.
+        flat_keys = keys.reshape(-1)
+        sorted_keys, order = torch.sort(flat_keys.to(torch.int32) if layout.int32_keys else flat_keys, stable=True)
+        bounds = torch.empty(num_rows + 1, dtype=torch.int64, device=grad_out.device)
+        launch("bounds", _SEGMENT_BOUNDS, (bounds, sorted_keys, n_entries, num_rows))
+    chunk_sums = torch.empty((max(layout.n_chunks, 1), dim), dtype=layout.acc_dtype, device=grad_out.device)
+    strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
+    if layout.n_chunks > 0:
+        launch("chunks", _CHUNK_SUMS, (chunk_sums, grad_out, *strides, sorted_keys, order, n_entries, dim, batch,
+                                       seq_len, past_length, *dropout))
+    launch("rows", _GRAD_ROWS, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds,
+                                chunk_sums, num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
+                                *dropout))
+    return grad_table
+
+
+def _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
+                        dropout_p, dropout_seed, dropout_scale):
+    device, stream = current_stream()
+    # With shapes, strides and dtypes fixed, every integer argument but past_length is too; the
+    # buffers are fresh allocations except grad_out (alignment) and keys (sorted into fresh ones).
+    key = (device, grad_out.shape, grad_out.stride(), grad_out.dtype, aligned(grad_out), num_rows,
+           int_class(past_length), padding_idx, scale_grad_by_freq, count_divisor, keys is None,
+           None if dropout_seed is None else dropout_p)
+    plans = _grad_plans.get(key)
+    if plans is None:
+        batch, seq_len, dim = grad_out.shape
+        plans = _grad_plans.add(key, _GradPlans(_grad_layout(batch, seq_len, dim, num_rows, keys is None,
+                                                             scale_grad_by_freq, dropout_seed is not None,
+                                                             grad_out.dtype)))
+    return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
+                       dropout_p, dropout_seed, dropout_scale, plans.layout,
+                       lambda slot, kernel, args: _planned_launch(plans, slot, kernel, stream, args))
+
+
+@_define_op("tokemb_fast::embedding_dense_grad", _dense_grad_planned, mutates_args=())
 def embedding_dense_grad(
     grad_out: torch.Tensor,
     keys: Optional[torch.Tensor],
@@ -236,60 +390,47 @@ def embedding_dense_grad(
     gets a zero row; scale_grad_by_freq divides each row by its count / count_divisor. With
     dropout_seed, each grad element is first multiplied by the forward's regenerated mask and scale.
     """
+    if not _tracing():
+        return _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq,
+                                   count_divisor, dropout_p, dropout_seed, dropout_scale)
     batch, seq_len, dim = grad_out.shape
-    grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
-    if num_rows == 0 or dim == 0:
-        return grad_table
-    implicit = keys is None
-    n_entries = batch * seq_len
-    if implicit:
-        # Never read: the sorted order of default positions is computed in the kernel.
-        sorted_keys = order = bounds = grad_table
-    else:
-        # 32-bit keys halve the radix-sort passes. Stable, so equal keys keep (b, t) order and
-        # the summation order is reproducible.
-        flat_keys = keys.reshape(-1)
-        if num_rows <= torch.iinfo(torch.int32).max:
-            flat_keys = flat_keys.to(torch.int32)
-        sorted_keys, order = torch.sort(flat_keys, stable=True)
-        bounds = torch.empty(num_rows + 1, dtype=torch.int64, device=grad_out.device)
-        wrap_triton(segment_bounds_kernel)[(triton.cdiv(num_rows + 1, SEARCH_BLOCK),)](
-            bounds, sorted_keys, n_entries, num_rows, BLOCK=SEARCH_BLOCK, num_warps=4)
-    acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    n_chunks = n_entries // GRAD_CHUNK
-    if implicit and batch < GRAD_CHUNK:
-        # Default positions' segments are B entries long, so none covers a whole chunk: the
-        # chunk kernel would find nothing to sum. Skip its launch (the row kernel reads no partial).
-        n_chunks = 0
-    chunk_sums = torch.empty((max(n_chunks, 1), dim), dtype=acc_dtype, device=grad_out.device)
-    strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
-    common = dict(IMPLICIT_POSITIONS=implicit, ACC_FP64=acc_dtype == torch.float64, CHUNK=GRAD_CHUNK,
-                  HAS_DROPOUT=dropout_seed is not None)
-    if n_chunks > 0:
-        chunk_block_d = _block_d(dim, 256)
-        wrap_triton(segment_chunk_sums_kernel)[(n_chunks, triton.cdiv(dim, chunk_block_d))](
-            chunk_sums, grad_out, *strides, sorted_keys, order,
-            n_entries, dim, batch, seq_len, past_length, *dropout,
-            BLOCK_D=chunk_block_d, ALIGNED4=_aligned4(dim, chunk_block_d), num_warps=4, **common,
-        )
-    block_d = _block_d(dim, 256)
-    # Triton vectorises only what it can prove aligned, i.e. when the integer D is divisible by 16.
-    # Otherwise every element is read with its own 64-bit address: half the tile keeps those in
-    # registers (ptxas spilled at D=100 otherwise).
-    tile = GRAD_TILE if dim % 16 == 0 else GRAD_TILE // 2
-    rows_per_program = min(GRAD_MAX_ROWS, max(1, tile // block_d))
-    wrap_triton(embedding_grad_rows_kernel)[(triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d))](
-        grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds, chunk_sums,
-        num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor, *dropout,
-        SCALE_BY_FREQ=scale_grad_by_freq, SHORT=GRAD_SHORT, LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program,
-        BLOCK_D=block_d,
-        ALIGNED4=_aligned4(dim, block_d), num_warps=4, **common,
-    )
-    return grad_table
+    layout = _grad_layout(batch, seq_len, dim, num_rows, keys is None, scale_grad_by_freq, dropout_seed is not None,
+                          grad_out.dtype)
+    return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
+                       dropout_p, dropout_seed, dropout_scale, layout,
+                       lambda slot, kernel, args: _traced_launch(kernel, getattr(layout, slot)[0], args,
+                                                                 getattr(layout, slot)[1]))
 
 
-@_define_op("tokemb_fast::dropout_masked_grad", mutates_args=())
+# --- the sparse gradient's masked rows -----------------------------------------------------------
+
+def _dropout_mask_layout(n_rows, dim):
+    block_d = _block_d(dim, 1024)
+    block_n = max(1, TILE // block_d)
+    return ((triton.cdiv(n_rows, block_n), triton.cdiv(dim, block_d)),
+            dict(BLOCK_N=block_n, BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d), num_warps=4))
+
+
+def _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale, launch):
+    batch, seq_len, dim = grad_out.shape
+    out = torch.empty((batch, seq_len, dim), dtype=grad_out.dtype, device=grad_out.device)
+    n_rows = batch * seq_len
+    if n_rows == 0 or dim == 0:
+        return out
+    grid, constexprs = _dropout_mask_layout(n_rows, dim)
+    launch(_DROPOUT_MASK, grid, (out, grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), n_rows,
+                                 seq_len, dim, *_dropout_args(dropout_p, dropout_seed, dropout_scale, grad_out)),
+           constexprs)
+    return out
+
+
+def _masked_grad_eager(grad_out, dropout_p, dropout_seed, dropout_scale):
+    # Rare (sparse gradients with dropout): Triton's ordinary launch, no plan.
+    return _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale,
+                        lambda kernel, grid, args, constexprs: kernel.launch(grid, args, constexprs))
+
+
+@_define_op("tokemb_fast::dropout_masked_grad", _masked_grad_eager, mutates_args=())
 def dropout_masked_grad(
     grad_out: torch.Tensor,
     dropout_p: float,
@@ -298,24 +439,16 @@ def dropout_masked_grad(
 ) -> torch.Tensor:
     """grad_out [B, T, D] (any strides) times the forward's regenerated dropout mask and scale,
     contiguous. Only the sparse-gradient path needs it materialised."""
-    batch, seq_len, dim = grad_out.shape
-    out = torch.empty((batch, seq_len, dim), dtype=grad_out.dtype, device=grad_out.device)
-    n_rows = batch * seq_len
-    if n_rows == 0 or dim == 0:
-        return out
-    block_d = _block_d(dim, 1024)
-    block_n = max(1, TILE // block_d)
-    wrap_triton(apply_dropout_mask_kernel)[(triton.cdiv(n_rows, block_n), triton.cdiv(dim, block_d))](
-        out, grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), n_rows, seq_len, dim,
-        *_dropout_args(dropout_p, dropout_seed, dropout_scale, grad_out), BLOCK_N=block_n, BLOCK_D=block_d,
-        ALIGNED4=_aligned4(dim, block_d), num_warps=4)
-    return out
+    return _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale,
+                        _traced_launch if _tracing() else
+                        lambda kernel, grid, args, constexprs: kernel.launch(grid, args, constexprs))
 
 
 if INTERPRETED:
     # Output shapes for tracing (FakeTensors); see _define_op above.
     @input_embedding_forward.register_fake
-    def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale):
+    def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale,
+          id_flag):
         return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
 
     @embedding_dense_grad.register_fake

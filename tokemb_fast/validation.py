@@ -1,13 +1,18 @@
 """Argument checks shared by both paths (Triton and plain PyTorch).
 
 Everything that can be checked from shapes, dtypes and devices is always checked; it costs no
-device work. The id-range check has to look at the ids themselves: on a GPU that is one small
-reduction and one host sync per call, so it can be turned off with ``check_ids=False``. Even
-then the kernels never read outside a table (an out-of-range id yields a NaN row).
+device work, and callers cache the outcome per shapes/dtypes/devices/options key, so a repeated
+call pays a dict lookup. Checking ids against the tables means reading them: ``check_id_ranges``
+does it on the host (``check_ids="sync"``: one host sync per call on a GPU); the default has the
+forward kernel record bad ids instead (``tokemb_fast.id_check``). Either way the kernels never
+read outside a table (an out-of-range id yields a NaN row).
 """
 from typing import Optional
 
 import torch
+
+from .id_check import position_error, token_error
+from .options import LookupOptions, TableOptions, check_mode
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -41,9 +46,9 @@ def check_inputs(
     position_weight: torch.Tensor,
     position_ids: Optional[torch.Tensor],
     past_length: int,
-    check_ids: bool = True,
 ) -> Optional[torch.Tensor]:
-    """Raise a clear exception for any bad argument; return position_ids as [T] or [B, T]."""
+    """Raise a clear exception for any bad argument (ids' values aside: ``check_id_ranges``);
+    return position_ids as [T] (for [T] ids) or [T] / [1, T] / [B, T]."""
     _check_table("token_weight", token_weight)
     _check_table("position_weight", position_weight)
     if token_weight.device != position_weight.device:
@@ -62,6 +67,9 @@ def check_inputs(
     _check_id_tensor("input_ids", input_ids, device)
     if input_ids.dim() not in (1, 2):
         raise ValueError(f"input_ids must be [T] or [B, T], got shape {tuple(input_ids.shape)}")
+    if token_weight.shape[0] == 0 and input_ids.numel() > 0:
+        raise IndexError(f"the token table has no rows (vocab size 0), so none of the {input_ids.numel()} "
+                         "token ids can be looked up")
 
     if isinstance(past_length, bool) or not isinstance(past_length, int):
         raise TypeError(f"past_length must be an int, got {type(past_length).__name__}")
@@ -93,10 +101,24 @@ def check_inputs(
             f"positions {past_length}..{past_length + seq_len - 1} (past_length={past_length}, T={seq_len}) "
             f"run past the position table: context_length is {num_positions}, so "
             f"past_length + T must be <= {num_positions}")
-
-    if check_ids and not _is_compiling():
-        check_id_ranges(input_ids, token_weight.shape[0], position_ids, num_positions)
     return position_ids
+
+
+def check_lookup_options(options, vocab_size: int, num_positions: int) -> None:
+    """Check a LookupOptions as FusedInputEmbeddingFunction takes it (padding rows already >= 0)."""
+    if not isinstance(options, LookupOptions):
+        raise TypeError(f"options must be a tokemb_fast.LookupOptions, got {type(options).__name__}")
+    for table, table_options, num_rows in (("token", options.token, vocab_size),
+                                           ("position", options.position, num_positions)):
+        if not isinstance(table_options, TableOptions):
+            raise TypeError(f"options.{table} must be a tokemb_fast.TableOptions, got {type(table_options).__name__}")
+        padding_idx = table_options.padding_idx
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+                                        or not 0 <= padding_idx < num_rows):
+            raise ValueError(f"options.{table}.padding_idx must be a row of the {table} table (0..{num_rows - 1}; "
+                             f"fused_input_embedding also takes negative values), got {padding_idx!r}")
+    check_dropout(options.dropout_p)
+    check_mode(options.check_ids)
 
 
 def check_table_options(table: str, num_rows: int, padding_idx, max_norm, norm_type) -> Optional[int]:
@@ -140,14 +162,8 @@ def check_id_ranges(input_ids, vocab_size, position_ids, num_positions) -> None:
         low, high = bounds[0], bounds[1]
         bounds = bounds[2:]
         if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise IndexError(
-                f"token id {bad} is out of range for vocab size {vocab_size} "
-                f"(valid ids are 0..{vocab_size - 1})")
+            raise IndexError(token_error(low if low < 0 else high, vocab_size))
     if bounds:
         low, high = bounds
         if low < 0 or high >= num_positions:
-            bad = low if low < 0 else high
-            raise IndexError(
-                f"position id {bad} is out of range for a position table of {num_positions} rows "
-                f"(context_length {num_positions}, valid positions are 0..{num_positions - 1})")
+            raise IndexError(position_error(low if low < 0 else high, num_positions))

@@ -1,0 +1,140 @@
+"""When a bad id raises: check_ids=True (found by the kernel, raised without a host sync), "sync", False."""
+import time
+
+import pytest
+import torch
+
+from conftest import TRITON_DEVICE, requires_cuda
+from tokemb_fast import FusedInputEmbedding, check_ids_now, fused_input_embedding, triton_ops
+from tokemb_fast.id_check import existing_guard
+
+pytestmark = pytest.mark.skipif(not (triton_ops.INTERPRETED or torch.cuda.is_available()),
+                                reason="the kernel's id flag is on the Triton path")
+
+TOKEN_ERROR = r"token id 12 is out of range for vocab size 10 \(valid ids are 0\.\.9\)"
+
+
+@pytest.fixture
+def module(monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    check_ids_now()  # nothing left over from other tests
+    return FusedInputEmbedding(10, 6, 4, device=TRITON_DEVICE)
+
+
+def good_ids():
+    return torch.tensor([[1, 2, 3]], device=TRITON_DEVICE)
+
+
+def bad_ids():
+    return torch.tensor([[1, 12, 3]], device=TRITON_DEVICE)
+
+
+def test_training_call_raises_in_its_backward_before_any_gradient(module):
+    out = module(bad_ids())  # no host sync, so no error yet
+    assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2]]).all()
+    with pytest.raises(IndexError, match=TOKEN_ERROR + r" \(found by the kernel"):
+        out.sum().backward()
+    assert module.tok_emb.weight.grad is None and module.pos_emb.weight.grad is None
+    # The error was raised once: the flag is clear again.
+    module(good_ids()).sum().backward()
+    assert torch.isfinite(module.tok_emb.weight.grad).all()
+
+
+def test_inference_call_raises_at_the_next_call_on_the_device(module):
+    with torch.no_grad():
+        out = module(bad_ids())
+        assert torch.isnan(out[0, 1]).all()
+        with pytest.raises(IndexError, match=TOKEN_ERROR):
+            module(good_ids())
+        assert torch.isfinite(module(good_ids())).all()  # and the call after works
+        module(good_ids())
+
+
+def test_check_ids_now_raises_for_a_pending_call_then_is_clear(module):
+    with torch.no_grad():
+        module(bad_ids())
+    with pytest.raises(IndexError, match=TOKEN_ERROR):
+        check_ids_now(TRITON_DEVICE)
+    check_ids_now()
+    check_ids_now(TRITON_DEVICE)
+
+
+def test_several_bad_ids_report_the_lowest_negative_first(module):
+    with torch.no_grad():
+        module(torch.tensor([[11, -2, 15, -5]], device=TRITON_DEVICE))
+    with pytest.raises(IndexError, match=r"token id -5 is out of range"):
+        check_ids_now()
+    with torch.no_grad():
+        module(torch.tensor([[11, 3, 15, 2]], device=TRITON_DEVICE))
+    with pytest.raises(IndexError, match=r"token id 15 is out of range"):
+        check_ids_now()
+
+
+def test_bad_position_ids_are_found_by_the_kernel_too(module):
+    out = module(good_ids(), position_ids=torch.tensor([[0, 6, 1]], device=TRITON_DEVICE))
+    assert torch.isnan(out[0, 1]).all()
+    with pytest.raises(IndexError, match=r"position id 6 is out of range for a position table of 6 rows"):
+        out.sum().backward()
+
+
+def test_sync_mode_raises_before_the_launch(module, kernel_launches):
+    module.check_ids = "sync"
+    with pytest.raises(IndexError, match=TOKEN_ERROR + r"$"):
+        module(bad_ids())
+    assert kernel_launches == []
+    assert existing_guard(TRITON_DEVICE) is None or not existing_guard(TRITON_DEVICE).pending
+
+
+def test_unchecked_calls_never_raise_and_leave_no_flag(module):
+    module.check_ids = False
+    out = module(bad_ids())
+    assert torch.isnan(out[0, 1]).all()
+    out.sum().backward()
+    with torch.no_grad():
+        module(bad_ids())
+        module(good_ids())
+    check_ids_now()
+
+
+@pytest.mark.parametrize("value", ["yes", 1.0, None, "Sync"])
+def test_check_ids_must_be_true_false_or_sync(module, value):
+    with pytest.raises(ValueError, match="check_ids must be True"):
+        fused_input_embedding(good_ids(), module.tok_emb.weight, module.pos_emb.weight, check_ids=value)
+
+
+def test_grad_accumulation_two_forwards_then_one_backward(module):
+    first = module(bad_ids())
+    # The first call's error surfaces at the latest in its backward; here a second forward comes
+    # first, which may raise it already (it does when the first launch has finished).
+    try:
+        second = module(good_ids())
+    except IndexError as error:
+        assert "token id 12" in str(error)
+        return
+    with pytest.raises(IndexError, match=TOKEN_ERROR):
+        (first.sum() + second.sum()).backward()
+
+
+def test_under_vmap_the_kernel_still_finds_bad_ids(module):
+    weight = module.tok_emb.weight.detach()
+    positions = module.pos_emb.weight.detach()
+    ids = torch.tensor([[1, 2], [3, 10]], device=TRITON_DEVICE)
+    out = torch.func.vmap(lambda row: fused_input_embedding(row, weight, positions))(ids)
+    assert torch.isnan(out[1, 1]).all()
+    with pytest.raises(IndexError, match=r"token id 10 is out of range"):
+        check_ids_now()
+
+
+@requires_cuda
+def test_checked_forward_does_not_wait_for_the_gpu(module):
+    # Behind a queued sleep of ~50 ms, a forward that synced with the queue would take that long.
+    ids = bad_ids()
+    module(good_ids())  # first call: compiles the kernel
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)
+    began = time.perf_counter()
+    out = module(ids)
+    elapsed = time.perf_counter() - began
+    assert elapsed < 0.02, f"the forward took {elapsed * 1e3:.1f} ms: it waited for the GPU"
+    with pytest.raises(IndexError, match=TOKEN_ERROR):
+        out.sum().backward()

@@ -1,0 +1,476 @@
+"""Autograd for the Triton path: every mode PyTorch has, closed under the op itself.
+
+Forward: ``out = dropout(token_weight[ids] + position_weight[positions])``. Everything its
+derivatives need is this op again or its table gradient:
+
+* backward: the table gradients (``table_grads``: sort, segment sums, one write per row);
+* double backward: the table gradient is linear in ``grad_out``, and its transpose is a gather
+  of the incoming gradient's rows by the same ids and positions, i.e. this forward (with the
+  rows scaled as the backward scaled them: zero for padding_idx, 1/count for
+  scale_grad_by_freq, and the same dropout mask);
+* forward-mode AD: the output's tangent is this forward applied to the tables' tangents (with
+  the same mask), as ``nn.Embedding``'s (which gathers the padding row's tangent too);
+* vmap: each rule maps over the batch with the op itself.
+
+So ``FusedInputEmbeddingFunction`` and ``EmbeddingGradFunction`` call each other and nothing
+else. In plain training (no ``create_graph``, no torch.func transform) the backward computes the
+gradients directly and records no graph: nothing here costs the common case anything.
+"""
+import threading
+from typing import Optional, Tuple
+
+import torch
+from torch._functorch.utils import unwrap_dead_wrappers
+
+from . import id_check
+from .options import LookupOptions
+from .reference import default_position_ids
+from .validation import check_id_ranges, check_inputs, check_lookup_options
+
+_DEFAULT_OPTIONS = LookupOptions()
+_triton_ops = None
+
+
+def _ops():
+    """tokemb_fast.triton_ops, imported on first use: importing Triton takes about a second, which
+    a process that never takes the Triton path should not pay."""
+    global _triton_ops
+    if _triton_ops is None:
+        from . import triton_ops
+        _triton_ops = triton_ops
+    return _triton_ops
+
+
+def dropout_seed(device) -> torch.Tensor:
+    """A fresh seed for the fused dropout of one call: a 1-element int64 tensor on ``device``.
+
+    Drawn from the device's default generator by a device op: ``torch.manual_seed`` reproduces a
+    run, consecutive calls get fresh masks, no host sync happens, and a captured CUDA graph draws
+    a fresh seed at each replay. Under ``torch.func.vmap`` it follows vmap's ``randomness``.
+    """
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+_scales = {}
+
+
+def _dropout_scale(dropout_p: float, device: torch.device, cache: bool) -> torch.Tensor:
+    # 1/(1-p) as a 1-element fp64 tensor: Triton would pass a Python float as fp32, which would
+    # make fp64 tables' dropout inexact. Constant per (p, device): kept rather than rebuilt.
+    key = (dropout_p, device)
+    scale = _scales.get(key) if cache else None
+    if scale is None:
+        scale = torch.full((1,), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0, dtype=torch.float64,
+                           device=device)
+        if cache:
+            _scales[key] = scale
+    return scale
+
+
+_PLAIN = (type(None), torch.Tensor, torch.nn.Parameter)
+
+
+def _direct(*tensors) -> bool:
+    """Plain eager: no compiling, no dispatch mode (FakeTensor, make_fx), no tensor subclass. Then
+    the launchers run without the custom-op dispatch (tokemb_fast.triton_ops)."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0 and \
+        all(type(tensor) in _PLAIN for tensor in tensors)
+
+
+def _in_transform() -> bool:
+    """Inside a torch.func transform (grad, vjp, jvp, vmap, ...)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _forward_ad_active() -> bool:
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def _unit_column_stride(weight: torch.Tensor) -> torch.Tensor:
+    # Only a row stride is passed to the kernels; a table with a strided last dim is rare (a
+    # transposed view) and gets a contiguous copy rather than a wrong answer.
+    return weight if weight.stride(1) == 1 or weight.shape[1] <= 1 else weight.contiguous()
+
+
+def run_forward(input_ids, token_weight, position_weight, position_ids, options: LookupOptions,
+                dropout_seed: Optional[torch.Tensor], wait_at_next_call: bool):
+    """The forward launch, arguments already checked: (output, id-check record or None)."""
+    ops = _triton_ops or _ops()
+    one_dim = input_ids.dim() == 1
+    if one_dim:
+        input_ids = input_ids.unsqueeze(0)
+    if position_ids is not None and position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    token_weight = _unit_column_stride(token_weight)
+    position_weight = _unit_column_stride(position_weight)
+    # Plain tensors, not compiling: the id flag can be used (a FakeTensor, a DTensor or a traced
+    # graph could not take the per-device flag tensor), and without a dispatch mode the launcher
+    # can run directly.
+    compiling = torch.compiler.is_compiling()
+    plain = not compiling and type(input_ids) in _PLAIN and type(token_weight) in _PLAIN and \
+        type(position_weight) in _PLAIN and type(position_ids) in _PLAIN
+    direct = plain and torch._C._len_torch_dispatch_stack() == 0
+    device = token_weight.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tables'.
+        with torch.cuda.device(device):
+            return run_forward(input_ids, token_weight, position_weight, position_ids, options, dropout_seed,
+                               wait_at_next_call)
+    guard = flag = None
+    check = options.check_ids
+    if check is True:
+        if plain:
+            flag, guard = id_check.flag_for_launch(device)
+    elif check == "sync" and not compiling:
+        check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
+    scale = None
+    if dropout_seed is not None:
+        scale = _dropout_scale(options.dropout_p, device, cache=direct)
+    launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
+    out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
+                 dropout_seed, scale, flag)
+    record = guard.after_launch(wait_at_next_call) if guard is not None else None
+    return (out[0] if one_dim else out), record
+
+
+_checked = {}
+# fused_input_embedding checked this call already: it leaves the options it built here, and the
+# Function's forward skips its own checks when it finds them.
+_state = threading.local()
+
+
+def _check_call(input_ids, token_weight, position_weight, position_ids, options, dropout_seed) -> None:
+    """The checks of fused_input_embedding, for direct callers of the Function; cached per key."""
+    if getattr(_state, "checked_options", None) is options:
+        _state.checked_options = None
+        return
+    if torch.compiler.is_compiling():
+        key = None
+    else:
+        key = (input_ids.shape, input_ids.dtype, input_ids.device, token_weight.shape, token_weight.dtype,
+               token_weight.device, position_weight.shape, position_weight.dtype, position_weight.device,
+               None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
+               options, dropout_seed is None)
+        if key in _checked:
+            return
+    check_inputs(input_ids, token_weight, position_weight, position_ids, options.past_length)
+    check_lookup_options(options, token_weight.shape[0], position_weight.shape[0])
+    if options.dropout_p > 0 and dropout_seed is None:
+        raise ValueError("dropout_p > 0 needs the call's dropout_seed (tokemb_fast.dropout_seed(device)); "
+                         "fused_input_embedding draws one for you")
+    if key is not None:
+        if len(_checked) > 4096:
+            _checked.clear()
+        _checked[key] = True
+
+
+def apply_checked(input_ids, token_weight, position_weight, position_ids, options, dropout_seed):
+    """FusedInputEmbeddingFunction.apply for a caller that has run every check already."""
+    _state.checked_options = options
+    return FusedInputEmbeddingFunction.apply(input_ids, token_weight, position_weight, position_ids, options,
+                                             dropout_seed)
+
+
+def _apply(cls, args, n_arguments):
+    # Function.apply binds the arguments to forward's signature (inspect.signature: ~15 us per call
+    # on this project's CPU, more than the rest of a call) whenever setup_context is defined. With
+    # every argument given positionally there is nothing to bind, and outside torch.func
+    # transforms the rest of its path is this line.
+    if len(args) == n_arguments and not torch._C._are_functorch_transforms_active():
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+    return super(cls, cls).apply(*args)
+
+
+class _FusedInputEmbedding(torch.autograd.Function):
+    """Forward and backward of FusedInputEmbeddingFunction: what torch.compile traces (Dynamo does
+    not trace a Function that defines jvp, so fused_input_embedding uses this one there)."""
+
+    @staticmethod
+    def forward(input_ids, token_weight, position_weight, position_ids=None, options=_DEFAULT_OPTIONS,
+                dropout_seed=None):
+        _check_call(input_ids, token_weight, position_weight, position_ids, options, dropout_seed)
+        out, record = run_forward(input_ids, token_weight, position_weight, position_ids, options, dropout_seed,
+                                  wait_at_next_call=False)
+        if record is not None:
+            _state.record = record
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input_ids, token_weight, position_weight, position_ids, options, dropout_seed = inputs
+        # The forward hands its id-check record over through _state (it cannot see ctx).
+        ctx.id_record = None
+        if not torch.compiler.is_compiling():
+            ctx.id_record = getattr(_state, "record", None)
+            _state.record = None
+        ctx.save_for_backward(input_ids, position_ids, dropout_seed)
+        if _forward_ad_active() or _in_transform():
+            ctx.save_for_forward(input_ids, position_ids, dropout_seed)
+        ctx.options = options
+        ctx.table_shapes = (token_weight.shape, position_weight.shape)
+        ctx.table_dtype = token_weight.dtype
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        record = ctx.id_record
+        if record is not None and not record.checked:
+            record.guard.check(record)  # raises IndexError for a bad id before any gradient exists
+        input_ids, position_ids, dropout_seed = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        if grad_out is None or not any(needs):
+            return None, None, None, None, None, None
+        rows = (ctx.table_shapes[0][0], ctx.table_shapes[1][0])
+        if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or _in_transform()):
+            # create_graph=True or a torch.func transform: the gradients must be differentiable.
+            grad_token, grad_position = differentiable_table_grads(grad_out, input_ids, position_ids, dropout_seed,
+                                                                   ctx.options, rows, needs)
+        else:
+            grad_token, grad_position = table_grads(grad_out, input_ids, position_ids, dropout_seed, ctx.options,
+                                                    rows, needs)
+        return None, grad_token, grad_position, None, None, None
+
+
+class FusedInputEmbeddingFunction(_FusedInputEmbedding):
+    """Autograd for the fused op (Triton path)::
+
+        FusedInputEmbeddingFunction.apply(input_ids, token_weight, position_weight, position_ids=None,
+                                          options=LookupOptions(), dropout_seed=None)
+
+    ``options`` (``tokemb_fast.LookupOptions``) holds past_length, the fused dropout's p,
+    check_ids and each table's ``TableOptions`` (padding_idx as a row index >= 0,
+    scale_grad_by_freq, sparse). With ``options.dropout_p > 0`` pass the call's seed,
+    ``tokemb_fast.dropout_seed(device)``: the backward regenerates the mask from it. Arguments
+    are checked as in ``fused_input_embedding``; ``max_norm`` is not an option here (it
+    renormalises the tables before the lookup, outside autograd).
+
+    Saved for the backward: the ids, the position ids if given, the seed: never the tables, the
+    output or a mask. Supports backward, double backward (``create_graph=True``), forward-mode
+    AD, and torch.func's transforms (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap).
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        return _apply(cls, args, 6)
+
+    @staticmethod
+    def jvp(ctx, _ids_tangent, token_tangent, position_tangent, *_other_tangents):
+        if token_tangent is None and position_tangent is None:
+            return None
+        input_ids, position_ids, dropout_seed = ctx.saved_tensors
+        token_tangent = _or_zeros(token_tangent, ctx.table_shapes[0], ctx.table_dtype, input_ids.device)
+        position_tangent = _or_zeros(position_tangent, ctx.table_shapes[1], ctx.table_dtype, input_ids.device)
+        # nn.Embedding's forward-mode derivative gathers the tangent rows as they are (the padding
+        # row's included; scale_grad_by_freq is a backward-only rule), with the same mask.
+        return FusedInputEmbeddingFunction.apply(input_ids, token_tangent, position_tangent, position_ids,
+                                                 _plain(ctx.options), dropout_seed)
+
+    @staticmethod
+    def vmap(info, in_dims, input_ids, token_weight, position_weight, position_ids=None, options=_DEFAULT_OPTIONS,
+             dropout_seed=None):
+        args = (input_ids, token_weight, position_weight, position_ids, options, dropout_seed)
+        in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+        outputs = [FusedInputEmbeddingFunction.apply(*_select(args, in_dims, index))
+                   for index in range(info.batch_size)]
+        return torch.stack(outputs), 0
+
+
+class EmbeddingGradFunction(torch.autograd.Function):
+    """The dense table gradients as a differentiable function of ``grad_out``: what the backward
+    of ``FusedInputEmbeddingFunction`` returns under ``create_graph=True`` or torch.func.
+
+    ``apply(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs)`` gives
+    (token gradient or None, position gradient or None) for the tables flagged in ``needs``."""
+
+    @classmethod
+    def apply(cls, *args):
+        return _apply(cls, args, 7)
+
+    @staticmethod
+    def forward(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs):
+        return table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs = inputs
+        ctx.save_for_backward(input_ids, position_ids, dropout_seed)
+        if _forward_ad_active() or _in_transform():
+            ctx.save_for_forward(input_ids, position_ids, dropout_seed)
+        ctx.options, ctx.table_rows, ctx.needs = options, table_rows, needs
+        ctx.grad_shape, ctx.grad_dtype = tuple(grad_out.shape), grad_out.dtype
+
+    @staticmethod
+    def backward(ctx, grad_of_token_grad, grad_of_position_grad):
+        if not ctx.needs_input_grad[0] or (grad_of_token_grad is None and grad_of_position_grad is None):
+            return (None,) * 7
+        input_ids, position_ids, dropout_seed = ctx.saved_tensors
+        dim = ctx.grad_shape[-1]
+        device = input_ids.device
+        tables = []
+        for table, incoming, num_rows in (("token", grad_of_token_grad, ctx.table_rows[0]),
+                                          ("position", grad_of_position_grad, ctx.table_rows[1])):
+            if incoming is None:
+                tables.append(_zeros_table(num_rows, dim, ctx.grad_dtype, device))
+            else:
+                tables.append(incoming * _row_weights(table, input_ids, position_ids, ctx.options, num_rows,
+                                                      incoming.dtype)[:, None])
+        grad_out = FusedInputEmbeddingFunction.apply(input_ids, tables[0], tables[1], position_ids,
+                                                     _plain(ctx.options), dropout_seed)
+        return grad_out, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, grad_out_tangent, *_other_tangents):
+        # The table gradients are linear in grad_out.
+        if grad_out_tangent is None:
+            return None, None
+        input_ids, position_ids, dropout_seed = ctx.saved_tensors
+        return EmbeddingGradFunction.apply(grad_out_tangent, input_ids, position_ids, dropout_seed, ctx.options,
+                                           ctx.table_rows, ctx.needs)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs):
+        args = (grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs)
+        results = [EmbeddingGradFunction.apply(*_select(args, in_dims, index)) for index in range(info.batch_size)]
+        return _stack_pairs(results)
+
+
+def _stack_pairs(results):
+    stacked = tuple(None if results[0][i] is None else torch.stack([result[i] for result in results])
+                    for i in range(2))
+    return stacked, tuple(None if tensor is None else 0 for tensor in stacked)
+
+
+def _select(args, in_dims, index):
+    # (Non-tensor arguments get in_dims of their own pytree shape, all None.)
+    return tuple(arg.select(dim, index) if isinstance(arg, torch.Tensor) and dim is not None else arg
+                 for arg, dim in zip(args, in_dims))
+
+
+def _plain(options: LookupOptions) -> LookupOptions:
+    """The same lookup (positions, dropout) with no gradient rules and no id check: for the
+    derivatives, whose ids were checked by the call they derive from."""
+    return LookupOptions(past_length=options.past_length, dropout_p=options.dropout_p, check_ids=False)
+
+
+def _zeros_table(num_rows, dim, dtype, device):
+    # Row stride 0: one row of storage stands for all.
+    return torch.zeros(dim, dtype=dtype, device=device).expand(num_rows, dim)
+
+
+def _or_zeros(tangent, shape, dtype, device):
+    return _zeros_table(shape[0], shape[1], dtype, device) if tangent is None else tangent
+
+
+def _row_weights(table, input_ids, position_ids, options, num_rows, dtype):
+    """What the backward multiplied each row's sum by: 0 for padding_idx, 1/count with
+    scale_grad_by_freq (count: occurrences in the looked-up tensor), else 1."""
+    table_options = options.token if table == "token" else options.position
+    weights = torch.ones(num_rows, dtype=dtype, device=input_ids.device)
+    if table_options.scale_grad_by_freq:
+        if table == "token":
+            looked_up = input_ids
+        elif position_ids is None:
+            looked_up = default_position_ids(input_ids.shape[-1], options.past_length, input_ids.device)
+        else:
+            # [T] and [1, T] positions are looked up once for the batch, as nn.Embedding would.
+            looked_up = position_ids
+        counts = torch.zeros(num_rows, dtype=dtype, device=input_ids.device)
+        counts.index_add_(0, looked_up.reshape(-1), torch.ones(looked_up.numel(), dtype=dtype, device=counts.device))
+        weights = weights / counts.clamp_min(1)
+    if table_options.padding_idx is not None:
+        weights[table_options.padding_idx] = 0
+    return weights
+
+
+def table_grads(grad_out, input_ids, position_ids, dropout_seed, options: LookupOptions,
+                table_rows: Tuple[int, int], needs: Tuple[bool, bool]):
+    """(token-table gradient or None, position-table gradient or None), not differentiable."""
+    device = grad_out.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs)
+    if input_ids.dim() == 1:
+        grad_out = grad_out.unsqueeze(0)
+        input_ids = input_ids.unsqueeze(0)
+        if position_ids is not None and position_ids.dim() == 2:
+            position_ids = position_ids[0]
+    batch = grad_out.shape[0]
+    direct = _direct(grad_out, input_ids, position_ids)
+    dropout = (options.dropout_p, dropout_seed,
+               None if dropout_seed is None else _dropout_scale(options.dropout_p, grad_out.device, cache=direct))
+    grad_token = grad_position = None
+    if needs[0]:
+        grad_token = _table_grad(grad_out, input_ids, table_rows[0], 0, 1, options.token, dropout, direct)
+    if needs[1]:
+        # The position ids nn.Embedding would have looked up: [T] (shared by the batch) or [B, T].
+        if position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        shared = position_ids is None or (position_ids.shape[0] == 1 and batch != 1)
+        if position_ids is not None and shared:
+            position_ids = position_ids.expand(batch, -1)
+        grad_position = _table_grad(grad_out, position_ids, table_rows[1], options.past_length,
+                                    max(batch, 1) if shared else 1, options.position, dropout, direct)
+    return grad_token, grad_position
+
+
+def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, table_options, dropout, direct):
+    ops = _ops()
+    dropout_p, seed, scale = dropout
+    padding_idx = -1 if table_options.padding_idx is None else table_options.padding_idx
+    if table_options.sparse:
+        if seed is not None:
+            masked = ops.dropout_masked_grad.direct if direct else ops.dropout_masked_grad
+            grad_out = masked(grad_out, dropout_p, seed, scale)
+        return _sparse_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx,
+                            table_options.scale_grad_by_freq)
+    dense = ops.embedding_dense_grad.direct if direct else ops.embedding_dense_grad
+    return dense(grad_out, keys, num_rows, past_length, padding_idx, table_options.scale_grad_by_freq, count_divisor,
+                 dropout_p, seed, scale)
+
+
+def _sparse_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx, scale_grad_by_freq):
+    # A sparse gradient is the upstream rows themselves, indexed by id: no reduction, so nothing
+    # to fuse. Built by the function nn.Embedding uses, so it is the same tensor (and autograd
+    # differentiates it the same way). Positions shared by the batch were looked up once, as
+    # [T]; their rows sum over the batch.
+    if keys is None:
+        grad_out, keys = grad_out.sum(0), default_position_ids(grad_out.shape[1], past_length, grad_out.device)
+    elif count_divisor != 1:
+        grad_out, keys = grad_out.sum(0), keys[0]
+    return torch.ops.aten.embedding_backward(grad_out, keys, num_rows, padding_idx, scale_grad_by_freq, True)
+
+
+def differentiable_table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs):
+    """table_grads as a differentiable function of grad_out: dense tables through
+    EmbeddingGradFunction, sparse ones through PyTorch's own (differentiable) sparse backward."""
+    dense_needs = (needs[0] and not options.token.sparse, needs[1] and not options.position.sparse)
+    grads = [None, None]
+    if any(dense_needs):
+        grads = list(EmbeddingGradFunction.apply(grad_out, input_ids, position_ids, dropout_seed, options, table_rows,
+                                                 dense_needs))
+    for index, table_options in enumerate((options.token, options.position)):
+        if needs[index] and table_options.sparse:
+            grads[index] = _differentiable_sparse_grad(index, grad_out, input_ids, position_ids, dropout_seed,
+                                                       options, table_rows[index])
+    return tuple(grads)
+
+
+def _differentiable_sparse_grad(index, grad_out, input_ids, position_ids, dropout_seed, options, num_rows):
+    if input_ids.dim() == 1:
+        grad_out, input_ids = grad_out.unsqueeze(0), input_ids.unsqueeze(0)
+        if position_ids is not None and position_ids.dim() == 2:
+            position_ids = position_ids[0]
+    if dropout_seed is not None:
+        # mask * scale as a tensor (the kernel applied to ones), so that autograd sees a product.
+        scale = _dropout_scale(options.dropout_p, grad_out.device, cache=False)
+        grad_out = grad_out * _ops().dropout_masked_grad(torch.ones_like(grad_out), options.dropout_p, dropout_seed,
+                                                         scale)
+    table_options = options.token if index == 0 else options.position
+    padding_idx = -1 if table_options.padding_idx is None else table_options.padding_idx
+    if index == 0:
+        return _sparse_grad(grad_out, input_ids, num_rows, 0, 1, padding_idx, table_options.scale_grad_by_freq)
+    batch = grad_out.shape[0]
+    if position_ids is not None and position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    shared = position_ids is None or (position_ids.shape[0] == 1 and batch != 1)
+    return _sparse_grad(grad_out, position_ids, num_rows, options.past_length, max(batch, 1) if shared else 1,
+                        padding_idx, table_options.scale_grad_by_freq)
