@@ -259,8 +259,9 @@ def cases(quick: bool):
     # variant); the benchmark shapes all have B < 32 or explicit positions.
     yield "B=64 default positions float32", Shape("wide", 64, 16, 1000, 768, 16), torch.float32, {}
     yield "D=100 float64", odd, torch.float64, {}
-    yield "D=100 float32, int32 ids, position_ids [B, T], padding_idx, scale_grad_by_freq", odd, torch.float32, \
-        {"int32": True, "position_ids": True, "padding_idx": 0, "scale_grad_by_freq": True}
+    yield "D=100 float32, int32 ids, position_ids [B, T], padding_idx, scale_grad_by_freq, token_scale", odd, \
+        torch.float32, {"int32": True, "position_ids": True, "padding_idx": 0, "scale_grad_by_freq": True,
+                        "token_scale": 10.0}
     yield "D=100 bfloat16 dropout, sparse token grad", odd, torch.bfloat16, {"dropout_p": 0.1, "sparse": True}
 
 
@@ -286,7 +287,8 @@ def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
     dropout_p = options.get("dropout_p", 0.0)
     lookup = LookupOptions(token=TableOptions(options.get("padding_idx"), options.get("scale_grad_by_freq", False),
                                               options.get("sparse", False)),
-                           dropout_p=dropout_p, check_ids=options.get("check_ids", True))
+                           dropout_p=dropout_p, check_ids=options.get("check_ids", True),
+                           token_scale=options.get("token_scale", 1.0))
     out = FusedInputEmbeddingFunction.apply(ids, token_weight, position_weight, position_ids, lookup,
                                             dropout_seed("cpu") if dropout_p > 0 else None)
     out.backward(torch.empty_like(out))

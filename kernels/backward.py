@@ -206,9 +206,11 @@ def embedding_grad_rows_kernel(
     padding_idx,                 # this row's gradient is zero (nn.Embedding's padding_idx); -1: none
     count_divisor,               # SCALE_BY_FREQ: entries per occurrence (B when positions are shared)
     dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+    grad_scale_ptr,              # fp64 [1], unused unless HAS_GRAD_SCALE: every row times it (the token scale)
     IMPLICIT_POSITIONS: tl.constexpr,
     ACC_FP64: tl.constexpr,
     SCALE_BY_FREQ: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     ALIGNED4: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -270,6 +272,8 @@ def embedding_grad_rows_kernel(
                                           IMPLICIT_POSITIONS, ACC_FP64, LONG_TILE, BLOCK_D, HAS_DROPOUT, ALIGNED4)
                 acc += tl.where((lanes == r)[:, None], total[None, :], 0.0)
 
+    if HAS_GRAD_SCALE:
+        acc = acc * tl.load(grad_scale_ptr).to(acc.dtype)
     if SCALE_BY_FREQ:
         acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]
     dst = grad_table_ptr + rows[:, None] * stride_grad_table_row + cols[None, :]

@@ -1,4 +1,5 @@
-"""Forward kernel: out[b, t, :] = dropout(token_weight[ids[b, t], :] + position_weight[pos[b, t], :]).
+"""Forward kernel: out[b, t, :] = dropout(s * token_weight[ids[b, t], :] + position_weight[pos[b, t], :]),
+with s = 1 unless a token scale is given (BioGPT's sqrt(D)).
 
 One launch. Each program owns a tile of BLOCK_N flattened (b, t) rows by BLOCK_D columns, so
 every output element is written by exactly one program and the output needs no zero-fill.
@@ -20,9 +21,11 @@ def input_embedding_fwd_kernel(
     n_rows, seq_len, dim, vocab_size, num_positions, past_length,
     dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,   # unused unless HAS_DROPOUT
     id_flag_ptr,                 # int64 [6], unused unless CHECK_IDS (layout: tokemb_fast/id_check.py)
+    token_scale_ptr,             # fp64 [1], unused unless HAS_TOKEN_SCALE: out = scale * tok + pos
     HAS_POSITION_IDS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     CHECK_IDS: tl.constexpr,
+    HAS_TOKEN_SCALE: tl.constexpr,
     ALIGNED4: tl.constexpr,      # D % 4 == 0: one Philox evaluation per 4 columns (see dropout.py)
     ACC_FP64: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -81,9 +84,16 @@ def input_embedding_fwd_kernel(
                   mask=load_mask, other=0.0)
     # Sum in fp32 (fp64 for fp64 tables) and round once, as torch does for a half-precision add.
     if ACC_FP64:
-        acc = tok.to(tl.float64) + pos.to(tl.float64)
+        tok = tok.to(tl.float64)
+        pos = pos.to(tl.float64)
     else:
-        acc = tok.to(tl.float32) + pos.to(tl.float32)
+        tok = tok.to(tl.float32)
+        pos = pos.to(tl.float32)
+    if HAS_TOKEN_SCALE:
+        # (Launched without FMA contraction: a product rounded, then a sum rounded, as PyTorch does
+        # it in the accumulator dtype, and as the interpreter rounds.)
+        tok = tok * tl.load(token_scale_ptr).to(tok.dtype)
+    acc = tok + pos
     acc = tl.where(both_ok[:, None], acc, float("nan"))
     out_offsets = rows[:, None] * dim + cols[None, :]
     if HAS_DROPOUT:

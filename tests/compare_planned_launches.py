@@ -69,6 +69,7 @@ def calls():
     yield "options", step(ids(40, 8), token_weight, position_weight, padding_idx=3, scale_grad_by_freq=True,
                           position_scale_grad_by_freq=True, check_ids=False)
     yield "sync check", step(ids(4, 8), token_weight, position_weight, check_ids="sync")
+    yield "token scale", step(ids(4, 8), token_weight, position_weight, token_scale=5.0)
     storage = torch.empty(51, 32)
     yield "aligned table rows", step(ids(4, 8), storage[:50].requires_grad_(), position_weight)
     yield "table rows 4 bytes off", step(ids(4, 8), storage.view(-1)[1:1601].view(50, 32).requires_grad_(),

@@ -56,11 +56,11 @@ def id_distribution(kind, shape, vocab_size, dtype=torch.int64, device="cpu"):
     return ids.reshape(shape).to(dtype=dtype, device=device)
 
 
-def exact_reference(input_ids, token_weight, position_weight, grad_out, position_ids=None, past_length=0):
+def exact_reference(input_ids, token_weight, position_weight, grad_out, position_ids=None, past_length=0, **options):
     """Output and both table gradients in float64 from the same table values."""
     tok64 = token_weight.detach().double().requires_grad_()
     pos64 = position_weight.detach().double().requires_grad_()
-    out = input_embedding_reference(input_ids, tok64, pos64, position_ids, past_length)
+    out = input_embedding_reference(input_ids, tok64, pos64, position_ids, past_length, **options)
     grad_tok, grad_pos = torch.autograd.grad(out, (tok64, pos64), grad_out.double())
     return out.detach(), grad_tok, grad_pos
 

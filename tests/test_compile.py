@@ -75,13 +75,14 @@ def test_opcheck_forward_and_grad_ops():
     position_ids = torch.randint(0, 10, (3, 6), device=TRITON_DEVICE)
     grad_out = torch.randn(3, 6, 8, device=TRITON_DEVICE)
     id_flag = torch.zeros(ID_FLAG_SIZE, dtype=torch.int64, device=TRITON_DEVICE)  # mutated in place
+    token_scale = torch.full((1,), 1.5, dtype=torch.float64, device=TRITON_DEVICE)
     for op, args in [
         (torch.ops.tokemb_fast.input_embedding_forward,
-         (ids, token_weight, position_weight, None, 2, 0.0, None, None, None)),
+         (ids, token_weight, position_weight, None, 2, 0.0, None, None, None, None)),
         (torch.ops.tokemb_fast.input_embedding_forward,
-         (ids, token_weight, position_weight, position_ids, 0, 0.0, None, None, id_flag)),
-        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, ids, 20, 0, -1, False, 1, 0.0, None, None)),
-        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, position_ids, 10, 0, 3, True, 1, 0.0, None, None)),
-        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, None, 10, 4, 5, True, 3, 0.0, None, None)),
+         (ids, token_weight, position_weight, position_ids, 0, 0.0, None, None, id_flag, token_scale)),
+        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, ids, 20, 0, -1, False, 1, 0.0, None, None, None)),
+        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, position_ids, 10, 0, 3, True, 1, 0.0, None, None, token_scale)),
+        (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, None, 10, 4, 5, True, 3, 0.0, None, None, None)),
     ]:
         torch.library.opcheck(op, args)  # schema, autograd registration, fake, AOT dispatch

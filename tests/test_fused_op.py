@@ -14,15 +14,16 @@ def run_fused(input_ids, token_weight, position_weight, grad_out, **kwargs):
     return out, grads
 
 
-def check_against_oracle(input_ids, dtype, vocab_size, num_positions, dim, position_ids=None, past_length=0):
+def check_against_oracle(input_ids, dtype, vocab_size, num_positions, dim, position_ids=None, past_length=0,
+                         **options):
     token_weight, position_weight = random_tables(vocab_size, num_positions, dim, dtype, TRITON_DEVICE)
     batch_shape = tuple(input_ids.shape)
     grad_out = torch.randn(*batch_shape, dim, device=TRITON_DEVICE).to(dtype)
     with poisoned_allocations():
         out, (grad_tok, grad_pos) = run_fused(input_ids, token_weight, position_weight, grad_out,
-                                              position_ids=position_ids, past_length=past_length)
+                                              position_ids=position_ids, past_length=past_length, **options)
     exact_out, exact_tok, exact_pos = exact_reference(input_ids, token_weight, position_weight, grad_out,
-                                                      position_ids, past_length)
+                                                      position_ids, past_length, **options)
     assert out.shape == (*batch_shape, dim)
     assert_exact_within(out, exact_out, dtype, "output")
     assert_exact_within(grad_tok, exact_tok, dtype, "token-table gradient")
@@ -89,6 +90,34 @@ def test_position_modes(mode, dtype):
     else:
         kwargs["position_ids"] = torch.randint(0, 3, (batch, seq_len), device=TRITON_DEVICE, dtype=torch.int32)
     check_against_oracle(ids, dtype, 50, num_positions, 24, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("options", [{}, {"padding_idx": 3, "scale_grad_by_freq": True}], ids=["plain", "options"])
+def test_token_scale(dtype, options):
+    # BioGPT's scaled word embedding: scale * W[ids] + P[pos], the scale fused into the forward
+    # and the token-table gradient. sqrt(D) is not a power of two, so every product rounds.
+    ids = id_distribution("zipf", (3, 20), 40, device=TRITON_DEVICE)
+    check_against_oracle(ids, dtype, 40, 24, 24, token_scale=24 ** 0.5, **options)
+
+
+def test_token_scale_with_sparse_gradient_and_dropout():
+    ids = torch.randint(0, 30, (3, 7), device=TRITON_DEVICE)
+    token_weight, position_weight = random_tables(30, 10, 8, torch.float64, TRITON_DEVICE)
+    out = fused_input_embedding(ids, token_weight, position_weight, token_scale=3.0, sparse=True, backend="triton")
+    grad_out = torch.randn_like(out)
+    grad_tok, = torch.autograd.grad(out, token_weight, grad_out)
+    reference_weight = token_weight.detach().requires_grad_()
+    reference = torch.nn.functional.embedding(ids, reference_weight, sparse=True) * 3.0
+    expected, = torch.autograd.grad(reference, reference_weight, grad_out)
+    assert grad_tok.is_sparse
+    torch.testing.assert_close(grad_tok.to_dense(), expected.to_dense())
+    dropped = fused_input_embedding(ids, token_weight, position_weight, token_scale=3.0, dropout_p=0.5,
+                                    backend="triton")
+    kept = dropped != 0
+    assert 0 < kept.double().mean() < 1
+    plain = (3.0 * token_weight[ids] + position_weight[:7]) / 0.5
+    torch.testing.assert_close(dropped[kept], plain[kept])
 
 
 def test_decode_step_one_token():

@@ -75,9 +75,9 @@ def test_plain_eager_calls_run_the_launchers_directly_and_match_the_ops(monkeypa
     wrapped = []
     original_wrap = triton_ops.wrap_triton
     monkeypatch.setattr(triton_ops, "wrap_triton", lambda kernel: wrapped.append(kernel) or original_wrap(kernel))
-    args = (ids, token_weight, position_weight, None, 0, 0.0, None, None, None)
+    args = (ids, token_weight, position_weight, None, 0, 0.0, None, None, None, None)
     grad_out = torch.randn(4, 8, 32, device=TRITON_DEVICE)
-    grad_args = (grad_out, ids, 50, 0, -1, False, 1, 0.0, None, None)
+    grad_args = (grad_out, ids, 50, 0, -1, False, 1, 0.0, None, None, None)
     direct = triton_ops.input_embedding_forward.direct(*args), triton_ops.embedding_dense_grad.direct(*grad_args)
     direct_launches = list(kernel_launches)
     kernel_launches.clear()

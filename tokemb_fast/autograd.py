@@ -51,20 +51,25 @@ def dropout_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-_scales = {}
+_constants = {}
+
+
+def _constant(value: float, device: torch.device, cache: bool) -> torch.Tensor:
+    """A 1-element fp64 tensor: Triton would pass a Python float as fp32, which would make fp64
+    tables' results inexact. Kept per (value, device) in eager calls rather than rebuilt."""
+    key = (value, device)
+    constant = _constants.get(key) if cache else None
+    if constant is None:
+        constant = torch.full((1,), value, dtype=torch.float64, device=device)
+        if cache:
+            if len(_constants) >= 256:
+                _constants.clear()
+            _constants[key] = constant
+    return constant
 
 
 def _dropout_scale(dropout_p: float, device: torch.device, cache: bool) -> torch.Tensor:
-    # 1/(1-p) as a 1-element fp64 tensor: Triton would pass a Python float as fp32, which would
-    # make fp64 tables' dropout inexact. Constant per (p, device): kept rather than rebuilt.
-    key = (dropout_p, device)
-    scale = _scales.get(key) if cache else None
-    if scale is None:
-        scale = torch.full((1,), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0, dtype=torch.float64,
-                           device=device)
-        if cache:
-            _scales[key] = scale
-    return scale
+    return _constant(1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0, device, cache)
 
 
 _PLAIN = (type(None), torch.Tensor, torch.nn.Parameter)
@@ -123,12 +128,14 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
             flag, guard = id_check.flag_for_launch(device)
     elif check == "sync" and not compiling:
         check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
-    scale = None
+    scale = token_scale = None
     if dropout_seed is not None:
         scale = _dropout_scale(options.dropout_p, device, cache=direct)
+    if options.token_scale != 1.0:
+        token_scale = _constant(options.token_scale, device, cache=direct)
     launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
     out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
-                 dropout_seed, scale, flag)
+                 dropout_seed, scale, flag, token_scale)
     record = guard.after_launch(wait_at_next_call) if guard is not None else None
     return (out[0] if one_dim else out), record
 
@@ -260,7 +267,8 @@ class FusedInputEmbeddingFunction(_FusedInputEmbedding):
         token_tangent = _or_zeros(token_tangent, ctx.table_shapes[0], ctx.table_dtype, input_ids.device)
         position_tangent = _or_zeros(position_tangent, ctx.table_shapes[1], ctx.table_dtype, input_ids.device)
         # nn.Embedding's forward-mode derivative gathers the tangent rows as they are (the padding
-        # row's included; scale_grad_by_freq is a backward-only rule), with the same mask.
+        # row's included; scale_grad_by_freq is a backward-only rule), with the same mask and
+        # token scale.
         return FusedInputEmbeddingFunction.apply(input_ids, token_tangent, position_tangent, position_ids,
                                                  _plain(ctx.options), dropout_seed)
 
@@ -346,9 +354,10 @@ def _select(args, in_dims, index):
 
 
 def _plain(options: LookupOptions) -> LookupOptions:
-    """The same lookup (positions, dropout) with no gradient rules and no id check: for the
-    derivatives, whose ids were checked by the call they derive from."""
-    return LookupOptions(past_length=options.past_length, dropout_p=options.dropout_p, check_ids=False)
+    """The same lookup (positions, dropout, token scale) with no gradient rules and no id check:
+    for the derivatives, whose ids were checked by the call they derive from."""
+    return LookupOptions(past_length=options.past_length, dropout_p=options.dropout_p, check_ids=False,
+                         token_scale=options.token_scale)
 
 
 def _zeros_table(num_rows, dim, dtype, device):
@@ -399,7 +408,10 @@ def table_grads(grad_out, input_ids, position_ids, dropout_seed, options: Lookup
                None if dropout_seed is None else _dropout_scale(options.dropout_p, grad_out.device, cache=direct))
     grad_token = grad_position = None
     if needs[0]:
-        grad_token = _table_grad(grad_out, input_ids, table_rows[0], 0, 1, options.token, dropout, direct)
+        token_scale = None if options.token_scale == 1.0 else \
+            _constant(options.token_scale, grad_out.device, cache=direct)
+        grad_token = _table_grad(grad_out, input_ids, table_rows[0], 0, 1, options.token, dropout, direct,
+                                 token_scale)
     if needs[1]:
         # The position ids nn.Embedding would have looked up: [T] (shared by the batch) or [B, T].
         if position_ids is not None and position_ids.dim() == 1:
@@ -408,11 +420,11 @@ def table_grads(grad_out, input_ids, position_ids, dropout_seed, options: Lookup
         if position_ids is not None and shared:
             position_ids = position_ids.expand(batch, -1)
         grad_position = _table_grad(grad_out, position_ids, table_rows[1], options.past_length,
-                                    max(batch, 1) if shared else 1, options.position, dropout, direct)
+                                    max(batch, 1) if shared else 1, options.position, dropout, direct, None)
     return grad_token, grad_position
 
 
-def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, table_options, dropout, direct):
+def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, table_options, dropout, direct, grad_scale):
     ops = _ops()
     dropout_p, seed, scale = dropout
     padding_idx = -1 if table_options.padding_idx is None else table_options.padding_idx
@@ -420,11 +432,13 @@ def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, table_opti
         if seed is not None:
             masked = ops.dropout_masked_grad.direct if direct else ops.dropout_masked_grad
             grad_out = masked(grad_out, dropout_p, seed, scale)
+        if grad_scale is not None:  # the sparse values are the upstream rows themselves: scaled here
+            grad_out = grad_out * grad_scale.to(grad_out.dtype)
         return _sparse_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx,
                             table_options.scale_grad_by_freq)
     dense = ops.embedding_dense_grad.direct if direct else ops.embedding_dense_grad
     return dense(grad_out, keys, num_rows, past_length, padding_idx, table_options.scale_grad_by_freq, count_divisor,
-                 dropout_p, seed, scale)
+                 dropout_p, seed, scale, grad_scale)
 
 
 def _sparse_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx, scale_grad_by_freq):
@@ -467,6 +481,8 @@ def _differentiable_sparse_grad(index, grad_out, input_ids, position_ids, dropou
     table_options = options.token if index == 0 else options.position
     padding_idx = -1 if table_options.padding_idx is None else table_options.padding_idx
     if index == 0:
+        if options.token_scale != 1.0:
+            grad_out = grad_out * options.token_scale
         return _sparse_grad(grad_out, input_ids, num_rows, 0, 1, padding_idx, table_options.scale_grad_by_freq)
     batch = grad_out.shape[0]
     if position_ids is not None and position_ids.dim() == 1:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .autograd import _forward_ad_active, _FusedInputEmbedding, _in_transform, apply_checked, dropout_seed, run_forward
 from .options import LookupOptions, TableOptions, check_mode
 from .reference import default_position_ids, input_embedding_reference
-from .validation import check_dropout, check_id_ranges, check_inputs, check_table_options
+from .validation import check_dropout, check_id_ranges, check_inputs, check_table_options, check_token_scale
 
 BACKENDS = ("auto", "triton", "torch")
 _TRITON_IMPORT_ERROR: Optional[BaseException] = None
@@ -100,9 +100,10 @@ def fused_input_embedding(
     dropout_p: float = 0.0,
     training: bool = True,
     check_ids=True,
+    token_scale: float = 1.0,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """``dropout(token_weight[input_ids] + position_weight[positions])`` in one pass.
+    """``dropout(token_scale * token_weight[input_ids] + position_weight[positions])`` in one pass.
 
     Args:
         input_ids: int64 or int32 token ids, [T] or [B, T].
@@ -120,6 +121,8 @@ def fused_input_embedding(
             the latest in the backward of the call, or at the next call for an inference call
             (see the README). ``"sync"``: checked before the launch (one host sync on a GPU).
             False: not checked (an out-of-range id is still never dereferenced; its row is NaN).
+        token_scale: multiplies the token rows before the sum (BioGPT scales by sqrt(D)); fused,
+            and its gradient too.
         backend: 'auto' (Triton for CUDA tensors, PyTorch otherwise), 'triton' or 'torch';
             default from TOKEMB_FAST_BACKEND, else 'auto'.
 
@@ -129,11 +132,11 @@ def fused_input_embedding(
     table_options = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, position_padding_idx,
                      position_max_norm, position_norm_type, position_scale_grad_by_freq, position_sparse)
     return _fused(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
-                  dropout_p if training else 0.0, check_ids, backend)
+                  dropout_p if training else 0.0, check_ids, token_scale, backend)
 
 
 def _fused(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
-           backend):
+           token_scale, backend):
     """fused_input_embedding with nn.Embedding's ten options as one tuple, in the order of its
     signature (token table, then position table): the module's call."""
     compiling = torch.compiler.is_compiling()
@@ -146,13 +149,13 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
                    None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
                    # Types too: True == 1 and hashes alike, but only one of them is a valid past_length.
                    past_length, type(past_length), table_options, tuple(map(type, table_options)), dropout_p,
-                   type(dropout_p), check_ids, type(check_ids))
+                   type(dropout_p), check_ids, type(check_ids), token_scale, type(token_scale))
             prepared = _prepared.get(key)
         except (AttributeError, TypeError):  # not tensors, or unhashable options: the checks say what
             key = None
     if prepared is None:
         prepared = _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
-                            dropout_p, check_ids, backend)
+                            dropout_p, check_ids, token_scale, backend)
         if key is not None:
             if len(_prepared) >= _MAX_PREPARED:
                 _prepared.clear()
@@ -199,7 +202,7 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
 
 
 def _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
-             backend) -> _Prepared:
+             token_scale, backend) -> _Prepared:
     """Every check that does not read tensor values; raises a clear exception or returns what
     the call needs. A rejected call has changed nothing (max_norm has not run)."""
     (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, position_padding_idx, position_max_norm,
@@ -213,10 +216,11 @@ def _prepare(input_ids, token_weight, position_weight, position_ids, past_length
                                                position_max_norm, position_norm_type)
     dropout_p = check_dropout(dropout_p)
     check_ids = check_mode(check_ids)
+    token_scale = check_token_scale(token_scale)
     options = LookupOptions(
         token=TableOptions(padding_idx, bool(scale_grad_by_freq), bool(sparse)),
         position=TableOptions(position_padding_idx, bool(position_scale_grad_by_freq), bool(position_sparse)),
-        past_length=past_length, dropout_p=dropout_p, check_ids=check_ids)
+        past_length=past_length, dropout_p=dropout_p, check_ids=check_ids, token_scale=token_scale)
     renorm = max_norm is not None or position_max_norm is not None
     # On the CPU, F.embedding bounds-checks every id itself, so the range check (a reduction per
     # call, about as costly as the lookup at small sizes) can wait for its IndexError, unless
@@ -253,13 +257,14 @@ def _plain_sum(input_ids, token_weight, position_weight, position_ids, past_leng
             padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq,
             sparse=sparse, position_padding_idx=position_padding_idx, position_max_norm=position_max_norm,
             position_norm_type=position_norm_type, position_scale_grad_by_freq=position_scale_grad_by_freq,
-            position_sparse=position_sparse)
+            position_sparse=position_sparse, token_scale=prepared.options.token_scale)
     if position_ids is None:
         position_ids = _default_positions(input_ids.shape[-1], past_length, input_ids.device)
     tokens = F.embedding(input_ids, token_weight, padding_idx, None, 2.0, scale_grad_by_freq, sparse)
     positions = F.embedding(position_ids, position_weight, position_padding_idx, None, 2.0,
                             position_scale_grad_by_freq, position_sparse)
-    return tokens + positions
+    token_scale = prepared.options.token_scale
+    return (tokens if token_scale == 1.0 else tokens * token_scale) + positions
 
 
 def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:

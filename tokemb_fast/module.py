@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .functional import _fused
-from .validation import check_dropout, check_table_options
+from .options import check_mode
+from .validation import check_dropout, check_table_options, check_token_scale
 
 POSITION_KINDS = ("learned", "sinusoidal")
 
@@ -76,8 +77,12 @@ class FusedInputEmbedding(nn.Module):
             the same options for a learned position table.
         dropout: probability of the dropout applied to the sum (GPT-2's embedding dropout), fused
             into the kernel; it follows ``train()`` / ``eval()`` like ``nn.Dropout``.
-        check_ids: check ids and positions against the tables on every call (default True;
-            on a GPU this costs one host sync, see the README).
+        check_ids: True (default): an id or position outside its table raises IndexError, found
+            by the kernel without a host sync (raised at the latest in the backward of the call, or
+            at the next call); "sync": checked before the launch (one host sync on a GPU); False:
+            not checked (the row is NaN). See the README.
+        token_scale: the token rows are multiplied by it before the sum (e.g. sqrt(D), as BioGPT
+            does); fused, gradient included.
         device, dtype: factory kwargs for both tables.
 
     Submodules ``tok_emb`` and ``pos_emb`` are ``nn.Embedding`` s (state_dict keys
@@ -90,7 +95,7 @@ class FusedInputEmbedding(nn.Module):
                  scale_grad_by_freq: bool = False, sparse: bool = False, position: str = "learned",
                  position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
                  position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
-                 dropout: float = 0.0, check_ids: bool = True, device=None, dtype=None):
+                 dropout: float = 0.0, check_ids=True, token_scale: float = 1.0, device=None, dtype=None):
         super().__init__()
         if position not in POSITION_KINDS:
             raise ValueError(f"position must be one of {POSITION_KINDS}, got {position!r}")
@@ -108,11 +113,12 @@ class FusedInputEmbedding(nn.Module):
                                         max_norm=position_max_norm, norm_type=position_norm_type,
                                         scale_grad_by_freq=position_scale_grad_by_freq, device=device, dtype=dtype)
         self.drop = _as_dropout(dropout)
-        self.check_ids = check_ids
+        self.check_ids = check_mode(check_ids)
+        self.token_scale = check_token_scale(token_scale)
 
     @classmethod
-    def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Module, *, dropout=0.0,
-                        check_ids: bool = True) -> "FusedInputEmbedding":
+    def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Module, *, dropout=0.0, check_ids=True,
+                        token_scale: float = 1.0) -> "FusedInputEmbedding":
         """Wrap two existing embeddings; weights are shared, never copied, and their options
         (padding_idx, max_norm, ...) are honoured as they are at each call. ``dropout`` is a
         probability or the model's own ``nn.Dropout`` module, whose ``p`` and train/eval mode are
@@ -129,7 +135,8 @@ class FusedInputEmbedding(nn.Module):
         self.tok_emb = tok_emb
         self.pos_emb = pos_emb
         self.drop = _as_dropout(dropout)
-        self.check_ids = check_ids
+        self.check_ids = check_mode(check_ids)
+        self.token_scale = check_token_scale(token_scale)
         return self
 
     @classmethod
@@ -138,7 +145,7 @@ class FusedInputEmbedding(nn.Module):
                         scale_grad_by_freq: bool = False, sparse: bool = False,
                         position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
                         position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
-                        dropout: float = 0.0, check_ids: bool = True) -> "FusedInputEmbedding":
+                        dropout: float = 0.0, check_ids=True, token_scale: float = 1.0) -> "FusedInputEmbedding":
         """Like ``nn.Embedding.from_pretrained`` for both tables (freeze=True: no gradients)."""
         for name, weight in (("token_weight", token_weight), ("position_weight", position_weight)):
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -152,7 +159,7 @@ class FusedInputEmbedding(nn.Module):
         pos_emb = nn.Embedding.from_pretrained(position_weight, freeze=freeze, padding_idx=position_padding_idx,
                                                max_norm=position_max_norm, norm_type=position_norm_type,
                                                scale_grad_by_freq=position_scale_grad_by_freq)
-        return cls.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=check_ids)
+        return cls.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=check_ids, token_scale=token_scale)
 
     @property
     def vocab_size(self) -> int:
@@ -180,12 +187,13 @@ class FusedInputEmbedding(nn.Module):
         return _fused(input_ids, tok.weight, pos.weight, position_ids, past_length,
                       (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
                        pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
-                      drop.p if drop.training else 0.0, self.check_ids, None)
+                      drop.p if drop.training else 0.0, self.check_ids, self.token_scale, None)
 
     def extra_repr(self) -> str:
         position = "sinusoidal" if isinstance(self.pos_emb, SinusoidalPositionEmbedding) else "learned"
         return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, "
-                f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids}")
+                f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids!r}"
+                + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}"))
 
 
 def _as_dropout(dropout) -> nn.Dropout:

@@ -37,6 +37,8 @@ class LookupOptions(NamedTuple):
     dropout_p: float = 0.0
     #: One of ``CHECK_MODES``.
     check_ids: Union[bool, str] = True
+    #: The token rows are multiplied by this before the sum (BioGPT's sqrt(D)); 1.0 is off.
+    token_scale: float = 1.0
 
 
 def check_mode(check_ids) -> Union[bool, str]:

@@ -32,13 +32,14 @@ def input_embedding_reference(
     position_norm_type: float = 2.0,
     position_scale_grad_by_freq: bool = False,
     position_sparse: bool = False,
+    token_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``F.embedding(ids, token_weight, ...) + F.embedding(positions, position_weight, ...)``.
+    """``F.embedding(ids, token_weight, ...) * token_scale + F.embedding(positions, position_weight, ...)``.
 
     position_ids is [T] or [B, T] (or None for ``arange(T) + past_length``, looked up once as a
     [T] tensor like GPT-2's ``pos_emb(arange(T))``); the position rows broadcast over the batch.
     The keyword options are nn.Embedding's, for the token table and (``position_*``) the
-    position table.
+    position table; token_scale multiplies the token rows (as BioGPT's scaled word embedding does).
     """
     if position_ids is None:
         position_ids = default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
@@ -48,6 +49,8 @@ def input_embedding_reference(
     tokens = F.embedding(input_ids, token_weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     positions = F.embedding(position_ids, position_weight, position_padding_idx, position_max_norm,
                             position_norm_type, position_scale_grad_by_freq, position_sparse)
+    if token_scale != 1.0:
+        tokens = tokens * token_scale
     return tokens + positions
 
 

@@ -162,20 +162,23 @@ class _Layout(NamedTuple):
     constexprs: dict
 
 
-def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check) -> _Layout:
+def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check, has_token_scale) -> _Layout:
     block_d = _block_d(dim, 1024)
     kernel, fixed_config = _forward_launch(n_rows * dim)
 
     def grid(meta):
         return (triton.cdiv(n_rows, max(1, meta["TILE"] // block_d)), triton.cdiv(dim, block_d))
 
+    # A scaled token row and its sum are rounded apart, as PyTorch and the interpreter do: no FMA.
+    no_fma = {"enable_fp_fusion": False} if has_token_scale else {}
     return _Layout(kernel, grid(fixed_config) if fixed_config else grid, dict(
-        HAS_POSITION_IDS=has_position_ids, HAS_DROPOUT=has_dropout, CHECK_IDS=check,
-        ALIGNED4=_aligned4(dim, block_d), ACC_FP64=dtype == torch.float64, BLOCK_D=block_d, **fixed_config))
+        HAS_POSITION_IDS=has_position_ids, HAS_DROPOUT=has_dropout, CHECK_IDS=check, HAS_TOKEN_SCALE=has_token_scale,
+        ALIGNED4=_aligned4(dim, block_d), ACC_FP64=dtype == torch.float64, BLOCK_D=block_d, **fixed_config,
+        **no_fma))
 
 
 def _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
-                  dropout_scale, id_flag):
+                  dropout_scale, id_flag, token_scale):
     # The kernel never reads position_ids when there are none, nor the seed or flag when off;
     # any pointer will do (the ids: their dtype and alignment are in every key already).
     pos_ids = input_ids if position_ids is None else position_ids
@@ -187,21 +190,21 @@ def _forward_args(out, input_ids, token_weight, position_weight, position_ids, p
             position_weight, position_weight.stride(0),
             batch * seq_len, seq_len, token_weight.shape[1], token_weight.shape[0], position_weight.shape[0],
             past_length, *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
-            input_ids if id_flag is None else id_flag)
+            input_ids if id_flag is None else id_flag, input_ids if token_scale is None else token_scale)
 
 
 _forward_plans = PlanCache()
 
 
 def _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
-                     dropout_scale, id_flag):
+                     dropout_scale, id_flag, token_scale):
     batch, seq_len = input_ids.shape
     dim = token_weight.shape[1]
     out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
     if batch * seq_len == 0 or dim == 0:
         return out
     args = _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
-                         dropout_seed, dropout_scale, id_flag)
+                         dropout_seed, dropout_scale, id_flag, token_scale)
     device, stream = current_stream()
     # Everything Triton specialises on, given that the tables' columns have unit stride and
     # out, the seed, the scale and the flag are fresh (aligned) allocations.
@@ -210,13 +213,13 @@ def _forward_planned(input_ids, token_weight, position_weight, position_ids, pas
            (position_ids.shape, position_ids.stride(), position_ids.dtype, aligned(position_ids)),
            token_weight.shape, token_weight.stride(0), token_weight.dtype, aligned(token_weight),
            position_weight.shape, position_weight.stride(0), aligned(position_weight),
-           int_class(past_length), None if dropout_seed is None else dropout_p, id_flag is None)
+           int_class(past_length), None if dropout_seed is None else dropout_p, id_flag is None, token_scale is None)
     plan = _forward_plans.get(key)
     if plan is not None and not hooks_installed():
         plan(stream, args)
         return out
     layout = _forward_layout(batch * seq_len, dim, token_weight.dtype, position_ids is not None,
-                             dropout_seed is not None, id_flag is not None)
+                             dropout_seed is not None, id_flag is not None, token_scale is not None)
     plan = layout.kernel.launch(layout.grid, args, layout.constexprs)
     if plan is not None:
         _forward_plans.add(key, plan)
@@ -234,27 +237,29 @@ def input_embedding_forward(
     dropout_seed: Optional[torch.Tensor],
     dropout_scale: Optional[torch.Tensor],
     id_flag: Optional[torch.Tensor],
+    token_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """[B, T] ids -> [B, T, D] = dropout(token_weight[ids] + position_weight[positions]).
+    """[B, T] ids -> [B, T, D] = dropout(s * token_weight[ids] + position_weight[positions]).
 
     Dropout is on when dropout_seed (int64 [1]) is given: elements are zeroed with probability
     dropout_p and the rest multiplied by dropout_scale (fp64 [1], 1/(1-p)). With id_flag (int64
     [ID_FLAG_SIZE], see tokemb_fast.id_check), ids and positions outside their tables are
-    recorded there; their output rows are NaN either way. The tables' columns must have unit stride.
+    recorded there; their output rows are NaN either way. s is token_scale (fp64 [1]), or 1 when
+    None. The tables' columns must have unit stride.
     """
     if not _tracing():
         return _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
-                                dropout_seed, dropout_scale, id_flag)
+                                dropout_seed, dropout_scale, id_flag, token_scale)
     batch, seq_len = input_ids.shape
     dim = token_weight.shape[1]
     out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
     if batch * seq_len == 0 or dim == 0:
         return out
     layout = _forward_layout(batch * seq_len, dim, token_weight.dtype, position_ids is not None,
-                             dropout_seed is not None, id_flag is not None)
+                             dropout_seed is not None, id_flag is not None, token_scale is not None)
     _traced_launch(layout.kernel, layout.grid, _forward_args(out, input_ids, token_weight, position_weight,
                                                              position_ids, past_length, dropout_p, dropout_seed,
-                                                             dropout_scale, id_flag), layout.constexprs)
+                                                             dropout_scale, id_flag, token_scale), layout.constexprs)
     return out
 
 
@@ -269,7 +274,8 @@ class _GradLayout(NamedTuple):
     rows: tuple
 
 
-def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, has_dropout, dtype) -> _GradLayout:
+def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, has_dropout, has_grad_scale,
+                 dtype) -> _GradLayout:
     n_entries = batch * seq_len
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     n_chunks = n_entries // GRAD_CHUNK
@@ -293,7 +299,7 @@ def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, ha
     tile = GRAD_TILE if dim % 16 == 0 else GRAD_TILE // 2
     rows_per_program = min(GRAD_MAX_ROWS, max(1, tile // block_d))
     rows = ((triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d)), dict(
-        SCALE_BY_FREQ=scale_grad_by_freq, SHORT=GRAD_SHORT, LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program,
+        SCALE_BY_FREQ=scale_grad_by_freq, HAS_GRAD_SCALE=has_grad_scale, SHORT=GRAD_SHORT, LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program,
         BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d), num_warps=4, **common))
     # 32-bit keys halve the radix sort's passes.
     return _GradLayout(num_rows <= torch.iinfo(torch.int32).max, acc_dtype, n_chunks, bounds, chunks, rows)
@@ -322,7 +328,7 @@ def _planned_launch(plans: _GradPlans, slot: str, kernel: CachedKernel, stream, 
 
 
 def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor, dropout_p,
-                dropout_seed, dropout_scale, layout, launch):
+                dropout_seed, dropout_scale, grad_scale, layout, launch):
     """The body both forms share: ``launch(slot, kernel, args)`` launches one kernel."""
     batch, seq_len, dim = grad_out.shape
     grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
@@ -347,26 +353,26 @@ def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_b
                                        seq_len, past_length, *dropout))
     launch("rows", _GRAD_ROWS, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds,
                                 chunk_sums, num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
-                                *dropout))
+                                *dropout, grad_table if grad_scale is None else grad_scale))
     return grad_table
 
 
 def _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
-                        dropout_p, dropout_seed, dropout_scale):
+                        dropout_p, dropout_seed, dropout_scale, grad_scale):
     device, stream = current_stream()
     # With shapes, strides and dtypes fixed, every integer argument but past_length is too; the
     # buffers are fresh allocations except grad_out (alignment) and keys (sorted into fresh ones).
     key = (device, grad_out.shape, grad_out.stride(), grad_out.dtype, aligned(grad_out), num_rows,
            int_class(past_length), padding_idx, scale_grad_by_freq, count_divisor, keys is None,
-           None if dropout_seed is None else dropout_p)
+           None if dropout_seed is None else dropout_p, grad_scale is None)
     plans = _grad_plans.get(key)
     if plans is None:
         batch, seq_len, dim = grad_out.shape
         plans = _grad_plans.add(key, _GradPlans(_grad_layout(batch, seq_len, dim, num_rows, keys is None,
                                                              scale_grad_by_freq, dropout_seed is not None,
-                                                             grad_out.dtype)))
+                                                             grad_scale is not None, grad_out.dtype)))
     return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
-                       dropout_p, dropout_seed, dropout_scale, plans.layout,
+                       dropout_p, dropout_seed, dropout_scale, grad_scale, plans.layout,
                        lambda slot, kernel, args: _planned_launch(plans, slot, kernel, stream, args))
 
 
@@ -382,6 +388,7 @@ def embedding_dense_grad(
     dropout_p: float,
     dropout_seed: Optional[torch.Tensor],
     dropout_scale: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Gradient of a [num_rows, D] table from grad_out [B, T, D] (any strides).
 
@@ -389,15 +396,16 @@ def embedding_dense_grad(
     the default positions arange(T) + past_length for every batch row. padding_idx (-1: none)
     gets a zero row; scale_grad_by_freq divides each row by its count / count_divisor. With
     dropout_seed, each grad element is first multiplied by the forward's regenerated mask and scale.
+    With grad_scale (fp64 [1]: the forward's token scale), every row is multiplied by it.
     """
     if not _tracing():
         return _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq,
-                                   count_divisor, dropout_p, dropout_seed, dropout_scale)
+                                   count_divisor, dropout_p, dropout_seed, dropout_scale, grad_scale)
     batch, seq_len, dim = grad_out.shape
     layout = _grad_layout(batch, seq_len, dim, num_rows, keys is None, scale_grad_by_freq, dropout_seed is not None,
-                          grad_out.dtype)
+                          grad_scale is not None, grad_out.dtype)
     return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
-                       dropout_p, dropout_seed, dropout_scale, layout,
+                       dropout_p, dropout_seed, dropout_scale, grad_scale, layout,
                        lambda slot, kernel, args: _traced_launch(kernel, getattr(layout, slot)[0], args,
                                                                  getattr(layout, slot)[1]))
 
@@ -448,12 +456,12 @@ if INTERPRETED:
     # Output shapes for tracing (FakeTensors); see _define_op above.
     @input_embedding_forward.register_fake
     def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale,
-          id_flag):
+          id_flag, token_scale):
         return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
 
     @embedding_dense_grad.register_fake
     def _(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor, dropout_p,
-          dropout_seed, dropout_scale):
+          dropout_seed, dropout_scale, grad_scale):
         return grad_out.new_empty((num_rows, grad_out.shape[2]))
 
     @dropout_masked_grad.register_fake

@@ -119,6 +119,16 @@ def check_lookup_options(options, vocab_size: int, num_positions: int) -> None:
                              f"fused_input_embedding also takes negative values), got {padding_idx!r}")
     check_dropout(options.dropout_p)
     check_mode(options.check_ids)
+    check_token_scale(options.token_scale)
+
+
+def check_token_scale(token_scale) -> float:
+    """The token scale as a finite float."""
+    # (Comparisons rather than math.isfinite, which torch.compile cannot trace.)
+    if isinstance(token_scale, bool) or not isinstance(token_scale, (int, float)) or \
+            not -float("inf") < token_scale < float("inf"):
+        raise ValueError(f"token_scale must be a finite number, got {token_scale!r}")
+    return float(token_scale)
 
 
 def check_table_options(table: str, num_rows: int, padding_idx, max_norm, norm_type) -> Optional[int]:
