@@ -91,27 +91,43 @@ def _forward_ad_active() -> bool:
     return torch.autograd.forward_ad._current_level >= 0
 
 
-def _unit_column_stride(weight: torch.Tensor) -> torch.Tensor:
+def _kernel_table(weight: torch.Tensor, compiling: bool) -> torch.Tensor:
+    """The table as the kernels read it: the values a lookup sees, unit column stride."""
+    if compiling or weight.is_neg():  # (torch.compile cannot trace is_neg; resolve_neg is a no-op without)
+        # A negative view (torch._neg_view, z.conj().imag) stores values that read negated: the
+        # kernels see storage, so they get the values themselves.
+        weight = weight.resolve_neg()
     # Only a row stride is passed to the kernels; a table with a strided last dim is rare (a
     # transposed view) and gets a contiguous copy rather than a wrong answer.
     return weight if weight.stride(1) == 1 or weight.shape[1] <= 1 else weight.contiguous()
+
+
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def _legacy_batched(*tensors) -> bool:
+    """Batched by torch._vmap_internals (gradcheck's check_batched_grad / check_batched_forward_grad):
+    such tensors have no storage for a kernel to read, so those calls take PyTorch's own ops."""
+    return any(tensor is not None and _is_legacy_batched(tensor) for tensor in tensors)
 
 
 def run_forward(input_ids, token_weight, position_weight, position_ids, options: LookupOptions,
                 dropout_seed: Optional[torch.Tensor], wait_at_next_call: bool):
     """The forward launch, arguments already checked: (output, id-check record or None)."""
     ops = _triton_ops or _ops()
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _legacy_batched(input_ids, token_weight, position_weight, position_ids):
+        return _aten_forward(input_ids, token_weight, position_weight, position_ids, options, dropout_seed), None
     one_dim = input_ids.dim() == 1
     if one_dim:
         input_ids = input_ids.unsqueeze(0)
     if position_ids is not None and position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
-    token_weight = _unit_column_stride(token_weight)
-    position_weight = _unit_column_stride(position_weight)
+    token_weight = _kernel_table(token_weight, compiling)
+    position_weight = _kernel_table(position_weight, compiling)
     # Plain tensors, not compiling: the id flag can be used (a FakeTensor, a DTensor or a traced
     # graph could not take the per-device flag tensor), and without a dispatch mode the launcher
     # can run directly.
-    compiling = torch.compiler.is_compiling()
     plain = not compiling and type(input_ids) in _PLAIN and type(token_weight) in _PLAIN and \
         type(position_weight) in _PLAIN and type(position_ids) in _PLAIN
     direct = plain and torch._C._len_torch_dispatch_stack() == 0
@@ -393,6 +409,8 @@ def _row_weights(table, input_ids, position_ids, options, num_rows, dtype):
 def table_grads(grad_out, input_ids, position_ids, dropout_seed, options: LookupOptions,
                 table_rows: Tuple[int, int], needs: Tuple[bool, bool]):
     """(token-table gradient or None, position-table gradient or None), not differentiable."""
+    if not torch.compiler.is_compiling() and _legacy_batched(grad_out, input_ids, position_ids):
+        return _aten_table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs)
     device = grad_out.device
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):  # Triton launches on the current device
@@ -434,59 +452,83 @@ def _table_grad(grad_out, keys, num_rows, past_length, count_divisor, table_opti
             grad_out = masked(grad_out, dropout_p, seed, scale)
         if grad_scale is not None:  # the sparse values are the upstream rows themselves: scaled here
             grad_out = grad_out * grad_scale.to(grad_out.dtype)
-        return _sparse_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx,
-                            table_options.scale_grad_by_freq)
+        # A sparse gradient is the upstream rows themselves, indexed by id: no reduction, so
+        # nothing to fuse. Built by the function nn.Embedding uses, so it is the same tensor.
+        return _aten_grad(grad_out, keys, num_rows, past_length, count_divisor, table_options)
     dense = ops.embedding_dense_grad.direct if direct else ops.embedding_dense_grad
     return dense(grad_out, keys, num_rows, past_length, padding_idx, table_options.scale_grad_by_freq, count_divisor,
                  dropout_p, seed, scale, grad_scale)
-
-
-def _sparse_grad(grad_out, keys, num_rows, past_length, count_divisor, padding_idx, scale_grad_by_freq):
-    # A sparse gradient is the upstream rows themselves, indexed by id: no reduction, so nothing
-    # to fuse. Built by the function nn.Embedding uses, so it is the same tensor (and autograd
-    # differentiates it the same way). Positions shared by the batch were looked up once, as
-    # [T]; their rows sum over the batch.
-    if keys is None:
-        grad_out, keys = grad_out.sum(0), default_position_ids(grad_out.shape[1], past_length, grad_out.device)
-    elif count_divisor != 1:
-        grad_out, keys = grad_out.sum(0), keys[0]
-    return torch.ops.aten.embedding_backward(grad_out, keys, num_rows, padding_idx, scale_grad_by_freq, True)
 
 
 def differentiable_table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs):
     """table_grads as a differentiable function of grad_out: dense tables through
     EmbeddingGradFunction, sparse ones through PyTorch's own (differentiable) sparse backward."""
     dense_needs = (needs[0] and not options.token.sparse, needs[1] and not options.position.sparse)
+    sparse_needs = (needs[0] and options.token.sparse, needs[1] and options.position.sparse)
     grads = [None, None]
     if any(dense_needs):
         grads = list(EmbeddingGradFunction.apply(grad_out, input_ids, position_ids, dropout_seed, options, table_rows,
                                                  dense_needs))
-    for index, table_options in enumerate((options.token, options.position)):
-        if needs[index] and table_options.sparse:
-            grads[index] = _differentiable_sparse_grad(index, grad_out, input_ids, position_ids, dropout_seed,
-                                                       options, table_rows[index])
+    if any(sparse_needs):
+        sparse = _aten_table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, sparse_needs)
+        grads = [grad if grad is not None else other for grad, other in zip(sparse, grads)]
     return tuple(grads)
 
 
-def _differentiable_sparse_grad(index, grad_out, input_ids, position_ids, dropout_seed, options, num_rows):
+# --- PyTorch's own ops: sparse gradients under create_graph, and tensors the kernels cannot read
+# (legacy vmap) -----------------------------------------------------------------------------------
+
+def _dropout_mask(shape, dtype, device, options, dropout_seed):
+    """The kernels' dropout mask times 1/(1-p), as a tensor (the masking kernel applied to ones)."""
+    ones = torch.ones(shape, dtype=dtype, device=device)
+    three_d = ones.reshape(-1, *shape[-2:]) if len(shape) == 3 else ones.unsqueeze(0)
+    scale = _dropout_scale(options.dropout_p, device, cache=False)
+    return _ops().dropout_masked_grad(three_d, options.dropout_p, dropout_seed, scale).reshape(shape)
+
+
+def _aten_forward(input_ids, token_weight, position_weight, position_ids, options, dropout_seed):
+    positions = position_ids if position_ids is not None else \
+        default_position_ids(input_ids.shape[-1], options.past_length, input_ids.device)
+    if input_ids.dim() == 1 and positions.dim() == 2:
+        positions = positions[0]
+    tokens = torch.nn.functional.embedding(input_ids, token_weight)
+    if options.token_scale != 1.0:
+        tokens = tokens * options.token_scale
+    out = tokens + torch.nn.functional.embedding(positions, position_weight)
+    if dropout_seed is not None:
+        out = out * _dropout_mask(out.shape, out.dtype, out.device, options, dropout_seed)
+    return out
+
+
+def _aten_table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, needs):
+    if dropout_seed is not None:
+        grad_out = grad_out * _dropout_mask(grad_out.shape, grad_out.dtype, grad_out.device, options, dropout_seed)
     if input_ids.dim() == 1:
         grad_out, input_ids = grad_out.unsqueeze(0), input_ids.unsqueeze(0)
         if position_ids is not None and position_ids.dim() == 2:
             position_ids = position_ids[0]
-    if dropout_seed is not None:
-        # mask * scale as a tensor (the kernel applied to ones), so that autograd sees a product.
-        scale = _dropout_scale(options.dropout_p, grad_out.device, cache=False)
-        grad_out = grad_out * _ops().dropout_masked_grad(torch.ones_like(grad_out), options.dropout_p, dropout_seed,
-                                                         scale)
-    table_options = options.token if index == 0 else options.position
+    grads = [None, None]
+    if needs[0]:
+        token = options.token
+        grads[0] = _aten_grad(grad_out if options.token_scale == 1.0 else grad_out * options.token_scale, input_ids,
+                              table_rows[0], 0, 1, token)
+    if needs[1]:
+        batch = grad_out.shape[0]
+        if position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        shared = position_ids is None or (position_ids.shape[0] == 1 and batch != 1)
+        grads[1] = _aten_grad(grad_out, position_ids, table_rows[1], options.past_length,
+                              max(batch, 1) if shared else 1, options.position)
+    return tuple(grads)
+
+
+def _aten_grad(grad_out, keys, num_rows, past_length, count_divisor, table_options):
+    """A table's gradient by PyTorch's own embedding backward (dense or sparse, as the options say).
+    Positions shared by the batch were looked up once, as [T]: their rows sum over the batch."""
+    if keys is None:
+        grad_out, keys = grad_out.sum(0), default_position_ids(grad_out.shape[1], past_length, grad_out.device)
+    elif count_divisor != 1:
+        grad_out, keys = grad_out.sum(0), keys[0]
     padding_idx = -1 if table_options.padding_idx is None else table_options.padding_idx
-    if index == 0:
-        if options.token_scale != 1.0:
-            grad_out = grad_out * options.token_scale
-        return _sparse_grad(grad_out, input_ids, num_rows, 0, 1, padding_idx, table_options.scale_grad_by_freq)
-    batch = grad_out.shape[0]
-    if position_ids is not None and position_ids.dim() == 1:
-        position_ids = position_ids.unsqueeze(0)
-    shared = position_ids is None or (position_ids.shape[0] == 1 and batch != 1)
-    return _sparse_grad(grad_out, position_ids, num_rows, options.past_length, max(batch, 1) if shared else 1,
-                        padding_idx, table_options.scale_grad_by_freq)
+    return torch.ops.aten.embedding_backward(grad_out, keys, num_rows, padding_idx, table_options.scale_grad_by_freq,
+                                             table_options.sparse)

@@ -30,7 +30,7 @@ def triton_available() -> bool:
     global _TRITON_IMPORT_ERROR
     if _TRITON_IMPORT_ERROR is None:
         try:
-            import triton  # noqa: F401
+            import triton  # noqa: F401  (only whether it imports)
             _TRITON_IMPORT_ERROR = False
         except ImportError as exc:
             _TRITON_IMPORT_ERROR = exc
