@@ -1,7 +1,9 @@
-"""GPT models of the families swap_input_embeddings knows, small enough to build anywhere: the
-LLMs-from-scratch GPTModel (and its KV-cache variant) and a nanoGPT-style GPT. They follow those
-projects' attribute names and forward passes; the internals are our own. Used by
-train_gpt2.py and by the test suite."""
+"""GPT models of the families swap_input_embeddings knows that no package ships, small enough to
+build anywhere: the LLMs-from-scratch GPTModel and the two KV-cache variants of its
+ch04/03_kv-cache scripts, nanoGPT's GPT and minGPT's GPT. Each keeps its project's attribute
+names, forward signature, positions and blocks' calling convention; the internals (attention,
+blocks) are our own. Used by train_gpt2.py and by the test suite (which also tests the classes
+the llms-from-scratch package ships)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,6 +97,32 @@ class GPTModelKV(GPTModel):
         self.current_pos = 0
 
 
+class GPTModelKVOptimized(GPTModel):
+    """gpt_with_kv_cache_optimized.py's layout: the position counter is ptr_current_pos."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.trf_blocks = nn.ModuleList(list(self.trf_blocks))
+        self.ptr_current_pos = 0
+
+    def forward(self, in_idx, use_cache=False):
+        batch_size, seq_len = in_idx.shape
+        if use_cache:
+            pos_ids = torch.arange(self.ptr_current_pos, self.ptr_current_pos + seq_len, device=in_idx.device)
+            self.ptr_current_pos += seq_len
+        else:
+            pos_ids = torch.arange(0, seq_len, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids).unsqueeze(0))
+        for block in self.trf_blocks:
+            x = block(x, use_cache=use_cache)
+        return self.out_head(self.final_norm(x))
+
+    def reset_kv_cache(self):
+        for block in self.trf_blocks:
+            block.att.reset_cache()
+        self.ptr_current_pos = 0
+
+
 def generate_with_cache(model, idx, new_tokens):
     """Greedy decoding through the KV cache, one token at a time after the prompt."""
     model.reset_kv_cache()
@@ -145,5 +173,43 @@ class NanoGPT(nn.Module):
     def generate(self, idx, max_new_tokens):
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return idx
+
+
+class MinGPT(nn.Module):
+    """minGPT layout: transformer.{wte, wpe, drop, h, ln_f}, lm_head, block_size as an attribute;
+    logits for every position, (logits, loss) with ignore_index=-1."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        config = config or NanoConfig()
+        self.block_size = config.block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config.n_embd, config.n_head, config.dropout) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        assert t <= self.block_size, f"Cannot forward sequence of length {t}, block size is only {self.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx if idx.size(1) <= self.block_size else idx[:, -self.block_size:])
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         return idx

@@ -1,16 +1,25 @@
 """``swap_input_embeddings(model)``: fuse a GPT model's token + position embedding (+ its embedding
-dropout) in place, for the model families people already have.
+dropout where the family allows) in place, for the model families people already have.
 
-How: the model's own ``nn.Embedding`` (and ``nn.Dropout``) modules stay where they are, so the
-state_dict, checkpoints, weight loaders and weight tying are untouched. The instance's ``forward``
-is replaced by that family's forward with ``drop(tok_emb(idx) + pos_emb(pos))`` done by
-``FusedInputEmbedding.from_embeddings`` (which reads the modules' weights, options and train/eval
-mode at every call). The fused module is kept outside the module tree (no duplicate state_dict
-keys). A probe forward before and after the swap must give the same logits, or the swap is undone
-and an error raised: a model that merely looks like a family is never silently changed.
+The model's own embedding (and dropout) modules stay where they are, so the state_dict,
+checkpoints, weight loaders and weight tying are untouched; ``FusedInputEmbedding.from_embeddings``
+reads their weights, options and train/eval mode at every call. What changes depends on the family:
+
+* LLMs-from-scratch, nanoGPT, minGPT (short forwards): the instance's ``forward`` becomes that
+  family's forward with ``drop(tok_emb(idx) + pos_emb(positions))`` done by the fused op.
+* Hugging Face (long forwards that change between versions, so they are not replaced): the token
+  and position modules get an instance-level ``forward``; within one call of the base model, the
+  token lookup of ``input_ids`` returns a zero placeholder and the position lookup the fused sum.
+
+A family is recognised by what it is: its modules' types, its forward's signature and its blocks'
+calling convention, and no hooks on the modules a fused call would skip. Anything else is
+refused with a ``TypeError`` that says what did not match. The swap is transactional: a probe
+forward (eval mode, no grad) runs before and after, and if anything goes wrong (an exception,
+different outputs) the model is restored exactly as it was and a ``RuntimeError`` raised.
 """
 import functools
-from typing import Callable
+import inspect
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,40 +28,244 @@ from torch import nn
 from .module import FusedInputEmbedding
 
 _MARK = "_tokemb_fast_swapped"
+_FUSED = "_tokemb_fast_fused"
+_HF_STATE = "_tokemb_fast_hf"
+
+
+class Family(NamedTuple):
+    """A model family swap_input_embeddings knows."""
+
+    name: str
+    #: What it looks for, in words (the TypeError for unknown models and supported_families()).
+    description: str
+    #: What the swap fuses and what stays a separate pass.
+    fused: str
+    #: model -> None when the model is of this family, else why not (one line).
+    mismatch: Callable[[nn.Module], Optional[str]]
+    #: (model, check_ids) -> None: the swap itself (undone by restoring the model's snapshot).
+    install: Callable[[nn.Module, object], None]
+    #: model -> callable running one probe forward (eval mode, no grad), returning its outputs.
+    probe: Callable[[nn.Module], Callable[[], List[torch.Tensor]]]
+
+
+def supported_families() -> List[Family]:
+    """The families swap_input_embeddings knows, in the order it tries them."""
+    return list(_FAMILIES)
+
+
+# --- recognition helpers ------------------------------------------------------------------------
+
+def _parameters(function) -> List[str]:
+    """A forward's parameters after self, as 'name' or 'name=default'."""
+    names = []
+    for name, parameter in list(inspect.signature(function).parameters.items())[1:]:
+        names.append(name if parameter.default is inspect.Parameter.empty else f"{name}={parameter.default!r}")
+    return names
+
+
+def _forward_of(module) -> Callable:
+    return type(module).forward
+
+
+def _plain(module, kind, name) -> Optional[str]:
+    """Why ``module`` is not a plain ``kind`` (nn.Embedding / nn.Dropout) the fused op may stand
+    in for, or None: a subclass with its own forward, or hooks a fused call would skip."""
+    if not isinstance(module, kind):
+        return f"{name} is a {type(module).__name__}, not an {kind.__name__}"
+    if _forward_of(module) is not kind.forward:
+        return f"{name} ({type(module).__name__}) has a forward of its own"
+    return _no_hooks(module, name)
+
+
+def _no_hooks(module, name) -> Optional[str]:
+    if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+        return f"{name} has forward hooks or a replaced forward, which a fused call would skip"
+    return None
+
+
+def _signature_mismatch(model, expected) -> Optional[str]:
+    if "forward" in model.__dict__:
+        return "its forward was replaced on the instance"
+    found = _parameters(_forward_of(model))
+    if found != expected:
+        return f"its forward takes ({', '.join(found)}), not ({', '.join(expected)})"
+    return None
+
+
+def _blocks_mismatch(blocks, container, keywords, name) -> Optional[str]:
+    """Why the blocks cannot be called as the family's forward calls them: block(x, **keywords)."""
+    if not isinstance(blocks, container):
+        return f"{name} is a {type(blocks).__name__}, not an {container.__name__}"
+    call = "(x" + "".join(f", {keyword}=..." for keyword in keywords) + ")"
+    for index, block in enumerate(blocks):
+        try:
+            inspect.signature(_forward_of(block)).bind(block, None, **{keyword: None for keyword in keywords})
+        except TypeError:
+            return f"{name}[{index}] cannot be called as block{call}"
+    return None
+
+
+def _first(*checks) -> Optional[str]:
+    """The first failed check, evaluating lazily (each a callable returning None or a reason)."""
+    for check in checks:
+        reason = check()
+        if reason is not None:
+            return reason
+    return None
 
 
 def _fused(model) -> FusedInputEmbedding:
-    return model.__dict__["_tokemb_fast_fused"]
+    return model.__dict__[_FUSED]
 
 
-# --- LLMs-from-scratch GPTModel -------------------------------------------------------------
+def _install_forward(forward, tok_emb, pos_emb, dropout):
+    """An installer that replaces the instance's forward with ``forward`` (a module-level function,
+    bound through functools.partial so that torch.save(model) and copy.deepcopy keep working)."""
+    def install(model, check_ids):
+        model.__dict__[_FUSED] = FusedInputEmbedding.from_embeddings(
+            tok_emb(model), pos_emb(model), dropout=dropout(model), check_ids=check_ids)
+        model.forward = functools.partial(forward, model)
+    return install
 
-def _llms_from_scratch_forward(self, in_idx):
+
+def _probe_ids(model, vocab_size, context_length, seq_len=4):
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    seq_len = min(seq_len, context_length)
+    return torch.randint(0, vocab_size, (2, seq_len), generator=generator).to(parameter.device)
+
+
+# --- LLMs-from-scratch GPTModel ---------------------------------------------------------------
+# (rasbt/LLMs-from-scratch: ch04 GPTModel and GPTModelFast; ch04/03_kv-cache gpt_with_kv_cache.py
+# and gpt_with_kv_cache_optimized.py; the llms_from_scratch package's kv_cache/gpt2.py.)
+
+def _lfs_forward(self, in_idx):
+    batch_size, seq_len = in_idx.shape
     x = _fused(self)(in_idx)
     x = self.trf_blocks(x)
     x = self.final_norm(x)
     return self.out_head(x)
 
 
-def _llms_from_scratch_kv_forward(self, in_idx, use_cache=False):
-    # Positions run on from the cache's length when decoding with the cache, else start at 0.
-    past_length = self.current_pos if use_cache else 0
-    x = _fused(self)(in_idx, past_length=int(past_length))
+def _lfs_cache_forward(self, position_attribute, in_idx, use_cache=False):
+    # ch04/03_kv-cache: positions run on from the cache's length with use_cache, else start at 0;
+    # the counter moves before the lookup, as there.
+    batch_size, seq_len = in_idx.shape
+    past_length = 0
     if use_cache:
-        self.current_pos += in_idx.shape[1]
+        past_length = getattr(self, position_attribute)
+        setattr(self, position_attribute, past_length + seq_len)
+    x = _fused(self)(in_idx, past_length=int(past_length))
     for block in self.trf_blocks:
         x = block(x, use_cache=use_cache)
     x = self.final_norm(x)
     return self.out_head(x)
 
 
-# --- nanoGPT GPT ----------------------------------------------------------------------------
+def _lfs_package_cache_forward(self, in_idx, use_cache=False, cache=None):
+    # llms_from_scratch.kv_cache.gpt2: positions always start at current_pos, which moves only with
+    # use_cache; blocks take (x, use_cache, start_pos, cache) and return (x, their cache).
+    batch_size, seq_len = in_idx.shape
+    x = _fused(self)(in_idx, past_length=int(self.current_pos))
+    if use_cache:
+        start_pos = self.current_pos
+        self.current_pos += seq_len
+    else:
+        start_pos = 0
+    next_cache = []
+    for index, block in enumerate(self.trf_blocks):
+        block_cache = cache.get(index) if cache else None
+        x, new_cache = block(x, use_cache=use_cache, start_pos=start_pos, cache=block_cache)
+        if cache:
+            cache.update(index, new_cache)
+        next_cache.append(new_cache)
+    x = self.final_norm(x)
+    return self.out_head(x)
+
+
+def _lfs_modules(model) -> Optional[str]:
+    for name in ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "out_head"):
+        if not isinstance(getattr(model, name, None), nn.Module):
+            return f"it has no module {name}"
+    return _first(lambda: _plain(model.tok_emb, nn.Embedding, "tok_emb"),
+                  lambda: _plain(model.pos_emb, nn.Embedding, "pos_emb"),
+                  lambda: _plain(model.drop_emb, nn.Dropout, "drop_emb"))
+
+
+def _int_attribute(model, name) -> Optional[str]:
+    value = model.__dict__.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"it has no int {name} counter"
+    return None
+
+
+def _lfs_probe(model):
+    ids = _probe_ids(model, model.tok_emb.num_embeddings, model.pos_emb.num_embeddings)
+    return lambda: [model(ids)]
+
+
+_LFS_TABLES = dict(tok_emb=lambda m: m.tok_emb, pos_emb=lambda m: m.pos_emb, dropout=lambda m: m.drop_emb)
+_LFS_FUSED = "tok_emb + pos_emb and drop_emb, in one kernel (dropout follows model.train()/eval())"
+
+LLMS_FROM_SCRATCH = Family(
+    "LLMs-from-scratch GPTModel",
+    "tok_emb, pos_emb, drop_emb, trf_blocks (nn.Sequential of blocks called as block(x)), final_norm, "
+    "out_head; forward(in_idx) (ch04 GPTModel and GPTModelFast)",
+    _LFS_FUSED,
+    lambda m: _first(lambda: _lfs_modules(m), lambda: _signature_mismatch(m, ["in_idx"]),
+                     lambda: _blocks_mismatch(m.trf_blocks, nn.Sequential, (), "trf_blocks")),
+    _install_forward(_lfs_forward, **_LFS_TABLES),
+    _lfs_probe)
+
+
+def _cache_family(attribute, source):
+    return Family(
+        f"LLMs-from-scratch GPTModel with KV cache ({source})",
+        f"tok_emb, pos_emb, drop_emb, trf_blocks (nn.ModuleList of blocks called as block(x, use_cache=...)), "
+        f"final_norm, out_head, an int {attribute}; forward(in_idx, use_cache=False)",
+        _LFS_FUSED + f"; with use_cache=True positions start at {attribute}",
+        lambda m: _first(lambda: _lfs_modules(m), lambda: _int_attribute(m, attribute),
+                         lambda: _signature_mismatch(m, ["in_idx", "use_cache=False"]),
+                         lambda: _blocks_mismatch(m.trf_blocks, nn.ModuleList, ("use_cache",), "trf_blocks")),
+        _install_cache_forward(attribute),
+        _lfs_probe)
+
+
+def _install_cache_forward(attribute):
+    def install(model, check_ids):
+        model.__dict__[_FUSED] = FusedInputEmbedding.from_embeddings(model.tok_emb, model.pos_emb,
+                                                                     dropout=model.drop_emb, check_ids=check_ids)
+        model.forward = functools.partial(_lfs_cache_forward, model, attribute)
+    return install
+
+
+LLMS_FROM_SCRATCH_KV = _cache_family("current_pos", "ch04/03_kv-cache/gpt_with_kv_cache.py")
+LLMS_FROM_SCRATCH_KV_OPTIMIZED = _cache_family("ptr_current_pos", "ch04/03_kv-cache/gpt_with_kv_cache_optimized.py")
+
+LLMS_FROM_SCRATCH_PACKAGE_KV = Family(
+    "LLMs-from-scratch GPTModel with KVCache (llms_from_scratch.kv_cache.gpt2)",
+    "tok_emb, pos_emb, drop_emb, trf_blocks (blocks called as block(x, use_cache=..., start_pos=..., cache=...), "
+    "returning (x, cache)), final_norm, out_head, an int current_pos; forward(in_idx, use_cache=False, cache=None)",
+    _LFS_FUSED + "; positions start at current_pos",
+    lambda m: _first(lambda: _lfs_modules(m), lambda: _int_attribute(m, "current_pos"),
+                     lambda: _signature_mismatch(m, ["in_idx", "use_cache=False", "cache=None"]),
+                     lambda: _blocks_mismatch(m.trf_blocks, nn.Module, ("use_cache", "start_pos", "cache"),
+                                              "trf_blocks")),
+    _install_forward(_lfs_package_cache_forward, **_LFS_TABLES),
+    _lfs_probe)
+
+
+# --- nanoGPT and minGPT -----------------------------------------------------------------------
+
+def _check_block_size(seq_len, block_size):
+    # (The originals assert; so does this, with their message.)
+    if not seq_len <= block_size:
+        raise AssertionError(f"Cannot forward sequence of length {seq_len}, block size is only {block_size}")
+
 
 def _nanogpt_forward(self, idx, targets=None):
-    seq_len = idx.shape[1]
-    block_size = getattr(getattr(self, "config", None), "block_size", self.transformer.wpe.num_embeddings)
-    if seq_len > block_size:
-        raise ValueError(f"Cannot forward sequence of length {seq_len}, block size is only {block_size}")
+    b, t = idx.size()
+    _check_block_size(t, self.config.block_size)
     x = _fused(self)(idx)
     for block in self.transformer.h:
         x = block(x)
@@ -67,187 +280,368 @@ def _nanogpt_forward(self, idx, targets=None):
     return logits, loss
 
 
-# --- Hugging Face GPT2Model / GPT2LMHeadModel -----------------------------------------------------
+def _mingpt_forward(self, idx, targets=None):
+    b, t = idx.size()
+    _check_block_size(t, self.block_size)
+    x = _fused(self)(idx)
+    for block in self.transformer.h:
+        x = block(x)
+    x = self.transformer.ln_f(x)
+    logits = self.lm_head(x)
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+    return logits, loss
+
+
+def _karpathy_modules(model) -> Optional[str]:
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(transformer, nn.ModuleDict):
+        return "it has no transformer ModuleDict"
+    if _is_hugging_face(model):
+        return "it is a Hugging Face model"
+    for name in ("wte", "wpe", "drop", "h", "ln_f"):
+        if name not in transformer:
+            return f"transformer has no {name}"
+    if not isinstance(getattr(model, "lm_head", None), nn.Module):
+        return "it has no lm_head"
+    return _first(lambda: _plain(transformer.wte, nn.Embedding, "transformer.wte"),
+                  lambda: _plain(transformer.wpe, nn.Embedding, "transformer.wpe"),
+                  lambda: _plain(transformer.drop, nn.Dropout, "transformer.drop"),
+                  lambda: _signature_mismatch(model, ["idx", "targets=None"]),
+                  lambda: _blocks_mismatch(transformer.h, nn.ModuleList, (), "transformer.h"))
+
+
+def _nanogpt_block_size(model) -> Optional[str]:
+    if not isinstance(getattr(getattr(model, "config", None), "block_size", None), int):
+        return "it has no config.block_size (nanoGPT keeps it there)"
+    return None
+
+
+def _mingpt_block_size(model) -> Optional[str]:
+    if _nanogpt_block_size(model) is None:
+        return "it has config.block_size (nanoGPT's layout)"
+    return _int_attribute(model, "block_size")
+
+
+def _karpathy_probe(model):
+    ids = _probe_ids(model, model.transformer.wte.num_embeddings, model.transformer.wpe.num_embeddings)
+    # Both branches of the forward: logits (nanoGPT: the last position's), and logits with the loss.
+    return lambda: [*model(ids)[:1], *model(ids, ids)]
+
+
+_KARPATHY_TABLES = dict(tok_emb=lambda m: m.transformer.wte, pos_emb=lambda m: m.transformer.wpe,
+                        dropout=lambda m: m.transformer.drop)
+_KARPATHY_FUSED = "transformer.wte + transformer.wpe and transformer.drop, in one kernel"
+
+NANOGPT = Family(
+    "nanoGPT GPT",
+    "transformer.{wte, wpe, drop, h (blocks called as block(x)), ln_f}, lm_head, config.block_size; "
+    "forward(idx, targets=None) returning (logits, loss)",
+    _KARPATHY_FUSED,
+    lambda m: _first(lambda: _karpathy_modules(m), lambda: _nanogpt_block_size(m)),
+    _install_forward(_nanogpt_forward, **_KARPATHY_TABLES),
+    _karpathy_probe)
+
+MINGPT = Family(
+    "minGPT GPT",
+    "transformer.{wte, wpe, drop, h (blocks called as block(x)), ln_f}, lm_head, an int block_size; "
+    "forward(idx, targets=None) returning (logits, loss)",
+    _KARPATHY_FUSED,
+    lambda m: _first(lambda: _karpathy_modules(m), lambda: _mingpt_block_size(m)),
+    _install_forward(_mingpt_forward, **_KARPATHY_TABLES),
+    _karpathy_probe)
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
 #
-# GPT2Model.forward (transformers 4.45 to 5.x) does, in this order: inputs_embeds = wte(input_ids);
-# position_ids from the argument or the cache length; wpe(position_ids); inputs_embeds + that;
-# + wte(token_type_ids) if given; drop. Its forward is long and changes between versions, so it
-# is not replaced. Instead wte and wpe become nn.Embedding subclasses sharing the same Parameters
-# (same state_dict keys, lm_head tying intact), armed by a pre-hook when input_ids are given:
-# wte(input_ids) stashes the ids and returns a zero placeholder that costs nothing (stride 0, right
-# shape, dtype and device, which is all the mask code reads); wpe(position_ids) returns the fused
-# sum. HF's own "+" with the placeholder remains: one elementwise pass over B*T*D.
+# The base models' forwards (transformers 4.45 to 5.x) compute `inputs_embeds = <token module>(input_ids)`
+# (BioGPT 4.x then multiplies by embed_scale; 5.x's token module scales itself), then the
+# positions (from position_ids, or from the attention mask for OPT and BioGPT's learned positions
+# with an offset of 2), `inputs_embeds + <position module>(...)`, and then their own dropout. The
+# forward is not replaced; within a call of the base model whose input_ids are given, the token
+# module returns a zero placeholder for exactly those ids (stride 0, right shape, dtype and
+# device: all the mask code reads) and the position module returns the fused sum. HF's own "+"
+# with the placeholder and its dropout remain: one elementwise pass over B*T*D each.
 
-class _DeferredTokenEmbedding(nn.Embedding):
-    def forward(self, input):
-        state = self.__dict__.get("_tokemb_fast_state")
-        if state is not None and state["expect"] == "input_ids":
-            state["expect"], state["input_ids"] = "position_ids", input
-            return self.weight.new_zeros(()).expand(*input.shape, self.embedding_dim)
-        return super().forward(input)  # token_type_ids, or a call from outside GPT2Model.forward
-
-
-class _FusedPositionEmbedding(nn.Embedding):
-    def forward(self, input):
-        state = self.__dict__.get("_tokemb_fast_state")
-        if state is not None and state["expect"] == "position_ids":
-            state["expect"] = None
-            # position_ids arrive as [1, T] or [B, T]: both mean what they mean to nn.Embedding.
-            return state["fused"](state.pop("input_ids"), position_ids=input)
-        return super().forward(input)
+class _HuggingFaceSpec(NamedTuple):
+    base_classes: tuple          # class names of the base model (whose forward takes input_ids)
+    wrappers: tuple              # attribute paths from a wrapper (e.g. a *ForCausalLM) to the base
+    token: str
+    position: str
+    position_classes: tuple      # position module class names (besides nn.Embedding)
+    offset_positions: bool       # forward(attention_mask, past_length, position_ids=None), offset 2
 
 
-def _arm_fused_lookup(transformer, args, kwargs):
-    state = transformer.wte.__dict__.get("_tokemb_fast_state")
-    if state is not None:  # absent if wte was replaced since (resize_token_embeddings)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        state["expect"] = "input_ids" if input_ids is not None else None
-        state.pop("input_ids", None)
-
-
-def _install_hugging_face(model, check_ids):
-    transformer = model.transformer if hasattr(model, "transformer") else model
-    wte, wpe = transformer.wte, transformer.wpe
-    old_classes = (type(wte), type(wpe))
-    wte.__class__, wpe.__class__ = _DeferredTokenEmbedding, _FusedPositionEmbedding  # same objects and Parameters
-    # Dropout is not folded: token_type embeddings are added between the sum and transformer.drop.
-    state = {"expect": None, "fused": FusedInputEmbedding.from_embeddings(wte, wpe, check_ids=check_ids)}
-    wte.__dict__["_tokemb_fast_state"] = wpe.__dict__["_tokemb_fast_state"] = state
-    handle = transformer.register_forward_pre_hook(_arm_fused_lookup, with_kwargs=True)
-
-    def undo():
-        handle.remove()
-        wte.__class__, wpe.__class__ = old_classes
-        del wte.__dict__["_tokemb_fast_state"], wpe.__dict__["_tokemb_fast_state"]
-    return undo
+_HF_GPT2 = _HuggingFaceSpec(("GPT2Model",), ("transformer",), "wte", "wpe", (), False)
+_HF_GPT_NEO = _HuggingFaceSpec(("GPTNeoModel",), ("transformer",), "wte", "wpe", (), False)
+_HF_BIGCODE = _HuggingFaceSpec(("GPTBigCodeModel",), ("transformer",), "wte", "wpe", (), False)
+_HF_OPT = _HuggingFaceSpec(("OPTDecoder",), ("model.decoder", "decoder"), "embed_tokens", "embed_positions",
+                           ("OPTLearnedPositionalEmbedding",), True)
+_HF_BIOGPT = _HuggingFaceSpec(("BioGptModel",), ("biogpt",), "embed_tokens", "embed_positions",
+                              ("BioGptLearnedPositionalEmbedding",), True)
 
 
 def _is_hugging_face(model) -> bool:
     return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
 
 
-def _hugging_face_gpt2(model) -> bool:
-    transformer = model.transformer if hasattr(model, "transformer") else model
-    return _is_hugging_face(model) and type(getattr(transformer, "wte", None)) is nn.Embedding and \
-        type(getattr(transformer, "wpe", None)) is nn.Embedding and hasattr(transformer, "drop")
-
-
-# --- LLMs-from-scratch and nanoGPT: the family's forward with the fused embedding ------------------
-
-def _forward_installer(forward, tok_emb, pos_emb, dropout):
-    def install(model, check_ids):
-        drop = dropout if isinstance(dropout, nn.Dropout) else 0.0
-        model.__dict__["_tokemb_fast_fused"] = FusedInputEmbedding.from_embeddings(
-            tok_emb, pos_emb, dropout=drop, check_ids=check_ids)
-        previous = model.__dict__.get("forward")
-        # A partial of a module-level function (not a bound method), so that pickling the whole
-        # model (torch.save(model)) and copy.deepcopy keep working.
-        model.forward = functools.partial(forward, model)
-
-        def undo():
-            del model.__dict__["_tokemb_fast_fused"], model.__dict__["forward"]
-            if previous is not None:
-                model.forward = previous
-        return undo
-    return install
-
-
-def _recognise(model):
-    """(family name, installer) or None."""
-    if _hugging_face_gpt2(model):
-        return "Hugging Face GPT2", _install_hugging_face
-    names = ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "out_head")
-    if all(hasattr(model, n) for n in names) and isinstance(model.tok_emb, nn.Embedding) and \
-            isinstance(model.pos_emb, nn.Embedding):
-        if hasattr(model, "current_pos"):
-            return ("LLMs-from-scratch GPTModel (KV cache)",
-                    _forward_installer(_llms_from_scratch_kv_forward, model.tok_emb, model.pos_emb, model.drop_emb))
-        return ("LLMs-from-scratch GPTModel",
-                _forward_installer(_llms_from_scratch_forward, model.tok_emb, model.pos_emb, model.drop_emb))
-    transformer = getattr(model, "transformer", None)
-    if transformer is not None and hasattr(model, "lm_head") and not _is_hugging_face(model) and \
-            all(hasattr(transformer, n) for n in ("wte", "wpe", "drop", "h", "ln_f")) and \
-            isinstance(transformer.wte, nn.Embedding) and isinstance(transformer.wpe, nn.Embedding):
-        return "nanoGPT GPT", _forward_installer(_nanogpt_forward, transformer.wte, transformer.wpe, transformer.drop)
+def _hf_base(model, spec: _HuggingFaceSpec):
+    if type(model).__name__ in spec.base_classes:
+        return model
+    for path in spec.wrappers:
+        found = model
+        for part in path.split("."):
+            found = getattr(found, part, None)
+        if found is not None and type(found).__name__ in spec.base_classes:
+            return found
     return None
 
 
-FAMILIES = (
-    "LLMs-from-scratch GPTModel: tok_emb, pos_emb, drop_emb, trf_blocks, final_norm, out_head "
-    "(with current_pos: the KV-cache variant)",
-    "nanoGPT GPT: transformer.wte, transformer.wpe, transformer.drop, transformer.h, transformer.ln_f, lm_head",
-    "Hugging Face GPT2Model / GPT2LMHeadModel: transformer.wte, transformer.wpe, transformer.drop",
-)
+def _hf_token_scale(base, token) -> float:
+    # BioGPT: 5.x's BioGptScaledWordEmbedding scales in its forward; 4.x's base model after it.
+    scale = getattr(token, "embed_scale", None)
+    if scale is None and type(base).__name__ == "BioGptModel":
+        scale = getattr(base, "embed_scale", None)
+    return 1.0 if scale is None else float(scale)
 
 
-def swap_input_embeddings(model: nn.Module, *, check_ids: bool = True, verify: bool = True) -> nn.Module:
-    """Fuse ``model``'s input embedding (and, where the family allows, its embedding dropout) in
-    place; return ``model``.
-
-    Idempotent. ``verify`` runs a 4-token probe (eval mode, no grad) before and after and undoes
-    the swap with a ``RuntimeError`` if the logits differ. Raises ``TypeError`` naming what it
-    looked for when the model is not of a known family.
-    """
-    if getattr(model, _MARK, False):
-        return model
-    found = _recognise(model)
-    if found is None:
-        raise TypeError(
-            f"swap_input_embeddings does not recognise {type(model).__name__}; it looks for one of: "
-            + "; ".join(FAMILIES))
-    family, install = found
-    probe = _probe(model) if verify else None
-    before = probe() if probe else None
-    undo = install(model, check_ids)
-    if probe is not None:
-        after = probe()
-        if not _same(before, after):
-            undo()
-            difference = (before - after).abs().max().item() if before.shape == after.shape else float("nan")
-            raise RuntimeError(
-                f"{type(model).__name__} looks like a {family} but its logits changed after the swap "
-                f"(max difference {difference:.3g}); its forward must differ from that family's, so the swap "
-                "was undone")
-    model.__dict__[_MARK] = True
-    model.__dict__["tokemb_fast_family"] = family
-    return model
+def _hf_mismatch(model, spec: _HuggingFaceSpec) -> Optional[str]:
+    if not _is_hugging_face(model):
+        return "it is not a Hugging Face model"
+    base = _hf_base(model, spec)
+    if base is None:
+        return f"it is not (and does not hold) a {' / '.join(spec.base_classes)}"
+    token, position = getattr(base, spec.token, None), getattr(base, spec.position, None)
+    if not isinstance(token, nn.Embedding) or not isinstance(position, nn.Embedding):
+        return f"{spec.token} and {spec.position} are not embeddings"
+    if type(token).__name__ not in ("Embedding", "BioGptScaledWordEmbedding"):
+        return f"{spec.token} is a {type(token).__name__}"
+    if type(position) is not nn.Embedding and type(position).__name__ not in spec.position_classes:
+        return f"{spec.position} is a {type(position).__name__}"
+    if getattr(position, "offset", 2) != 2:
+        return f"{spec.position} has a position offset of {position.offset}, not 2"
+    if getattr(base, "project_in", None) is not None:
+        # OPT-350m: the token rows are projected before the sum; nothing to fuse.
+        return "it projects the token embeddings (project_in) before adding the positions"
+    first = _parameters(_forward_of(base))[:1]
+    if not first or first[0].split("=")[0] != "input_ids":
+        return "its forward does not take input_ids first"
+    return _first(lambda: _no_hooks(token, spec.token), lambda: _no_hooks(position, spec.position))
 
 
-def _embeddings(model):
-    transformer = getattr(model, "transformer", model)
-    if hasattr(model, "tok_emb"):
-        return model.tok_emb, model.pos_emb
-    return transformer.wte, transformer.wpe
+class _HuggingFaceState:
+    """Per base model: what the token lookup of the current call must hand to the position lookup."""
+
+    def __init__(self, spec, base, check_ids):
+        self.spec = spec
+        self.check_ids = check_ids
+        self.input_ids = None
+        self.waiting = False  # the token lookup returned the placeholder; the position lookup is next
+        self.token = self.position = self.fused = None
+        self.attach(base)
+
+    def attach(self, base):
+        """Take over the base model's current token and position modules."""
+        token, position = getattr(base, self.spec.token), getattr(base, self.spec.position)
+        self.token, self.position = token, position
+        self.fused = FusedInputEmbedding.from_embeddings(token, position, check_ids=self.check_ids,
+                                                         token_scale=_hf_token_scale(base, token))
+        token.forward = functools.partial(_hf_token_forward, token, self)
+        position.forward = functools.partial(_hf_position_forward, position, self)
 
 
-def _probe(model) -> Callable[[], torch.Tensor]:
-    tok_emb, pos_emb = _embeddings(model)
-    seq_len = min(4, pos_emb.num_embeddings)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, tok_emb.num_embeddings, (1, seq_len), generator=generator).to(tok_emb.weight.device)
+def _hf_arm(base, args, kwargs):
+    state = base.__dict__[_HF_STATE]
+    token, position = getattr(base, state.spec.token), getattr(base, state.spec.position)
+    if token is not state.token or position is not state.position:
+        # Replaced since (resize_token_embeddings, a weight loader): take over the new modules,
+        # if they are still of a kind the fused op stands in for.
+        if _first(lambda: _hf_mismatch(base, state.spec)) is None:
+            state.attach(base)
+        else:
+            state.input_ids, state.waiting = None, False
+            return
+    state.input_ids = kwargs.get("input_ids", args[0] if args else None)
+    state.waiting = False
+
+
+def _hf_token_forward(module, state, input):
+    # The first lookup after the base model's forward began is of its input_ids (perhaps reshaped:
+    # GPT-2 views them as [-1, T]); token_type_ids come later, calls from outside the model are
+    # not armed.
+    armed = state.input_ids
+    if armed is not None and not state.waiting and module is state.token and input.numel() == armed.numel() \
+            and input.shape[-1] == armed.shape[-1]:
+        state.input_ids, state.waiting = input, True
+        return module.weight.new_zeros(()).expand(*input.shape, module.embedding_dim)
+    return type(module).forward(module, input)
+
+
+def _hf_position_forward(module, state, *args, **kwargs):
+    if not state.waiting or module is not state.position:
+        return type(module).forward(module, *args, **kwargs)
+    state.waiting = False
+    input_ids, state.input_ids = state.input_ids, None  # (the ids as the token lookup got them)
+    if state.spec.offset_positions:
+        position_ids = _hf_offset_positions(*args, **kwargs)
+    else:
+        position_ids = args[0] if args else kwargs["input"]
+    return state.fused(input_ids, position_ids=position_ids)
+
+
+def _hf_offset_positions(attention_mask, past_length=0, position_ids=None, **kwargs):
+    """OPT's and BioGPT's learned positions, as their position modules compute them."""
+    past_length = kwargs.pop("past_key_values_length", kwargs.pop("cache_length", past_length))
+    if position_ids is None:
+        position_ids = torch.cumsum(attention_mask, dim=1)
+        position_ids = (position_ids * attention_mask - 1).long()
+        position_ids = position_ids[:, past_length:]
+    return position_ids + 2
+
+
+def _hf_install(spec):
+    def install(model, check_ids):
+        base = _hf_base(model, spec)
+        base.__dict__[_HF_STATE] = _HuggingFaceState(spec, base, check_ids)
+        base.register_forward_pre_hook(_hf_arm, with_kwargs=True)
+    return install
+
+
+def _hf_probe(model):
+    base = None
+    for spec in _HF_SPECS:
+        base = _hf_base(model, spec)
+        if base is not None:
+            break
+    token = getattr(base, spec.token)
+    ids = _probe_ids(model, token.num_embeddings, 8, seq_len=5)
 
     def run():
-        training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model(ids)
-        finally:
-            model.train(training)
+        out = model(input_ids=ids)
         for name in ("logits", "last_hidden_state"):
             if hasattr(out, name):
-                out = getattr(out, name)
-                break
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return out.detach().float()
+                return [getattr(out, name)]
+        return [out[0]]
     return run
 
 
-def _same(before: torch.Tensor, after: torch.Tensor) -> bool:
-    if before.shape != after.shape:
+def _hf_family(name, spec, description, fused):
+    return Family(name, description, fused, lambda m: _hf_mismatch(m, spec), _hf_install(spec), _hf_probe)
+
+
+_HF_ADD = "HF's own add of the (zero) token placeholder and its dropout stay separate passes"
+HF_GPT2 = _hf_family("Hugging Face GPT-2", _HF_GPT2, "GPT2Model or GPT2LMHeadModel (transformer.wte, transformer.wpe)",
+                     "wte + wpe in one kernel; " + _HF_ADD)
+HF_GPT_NEO = _hf_family("Hugging Face GPT-Neo", _HF_GPT_NEO, "GPTNeoModel or GPTNeoForCausalLM",
+                        "wte + wpe in one kernel; " + _HF_ADD)
+HF_BIGCODE = _hf_family("Hugging Face GPTBigCode", _HF_BIGCODE, "GPTBigCodeModel or GPTBigCodeForCausalLM (StarCoder)",
+                        "wte + wpe in one kernel; " + _HF_ADD)
+HF_OPT = _hf_family("Hugging Face OPT", _HF_OPT,
+                    "OPTForCausalLM, OPTModel or OPTDecoder without project_in (learned positions, offset 2)",
+                    "embed_tokens + embed_positions (positions from the attention mask or position_ids, offset 2) "
+                    "in one kernel; HF's add of the placeholder stays a separate pass")
+HF_BIOGPT = _hf_family("Hugging Face BioGPT", _HF_BIOGPT,
+                       "BioGptForCausalLM or BioGptModel (a scaled word embedding, learned positions with offset 2)",
+                       "sqrt(D) * embed_tokens + embed_positions in one kernel (the scale fused); " + _HF_ADD)
+_HF_SPECS = (_HF_GPT2, _HF_GPT_NEO, _HF_BIGCODE, _HF_OPT, _HF_BIOGPT)
+
+_FAMILIES = (LLMS_FROM_SCRATCH, LLMS_FROM_SCRATCH_KV, LLMS_FROM_SCRATCH_KV_OPTIMIZED, LLMS_FROM_SCRATCH_PACKAGE_KV,
+             NANOGPT, MINGPT, HF_GPT2, HF_GPT_NEO, HF_BIGCODE, HF_OPT, HF_BIOGPT)
+
+
+# --- the swap ---------------------------------------------------------------------------------
+
+class _Snapshot:
+    """Every module's own state (attributes, hooks, submodule/parameter/buffer slots, class), to
+    put the model back exactly as it was: after a failed swap, and after each probe (a forward
+    may move counters such as a KV cache's)."""
+
+    _DICTS = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+              "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+    def __init__(self, model):
+        self.saved = []
+        for module in model.modules():
+            attributes = dict(module.__dict__)
+            inner = {name: type(attributes[name])(attributes[name]) for name in self._DICTS
+                     if isinstance(attributes.get(name), dict)}
+            self.saved.append((module, type(module), attributes, inner))
+
+    def restore(self):
+        for module, cls, attributes, inner in self.saved:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for name, contents in inner.items():
+                target = module.__dict__[name]
+                target.clear()
+                target.update(contents)
+
+
+def _run_probe(model, probe) -> List[torch.Tensor]:
+    snapshot = _Snapshot(model)
+    try:
+        for module in model.modules():
+            module.training = False
+        with torch.no_grad():
+            return [out.detach().float() for out in probe() if out is not None]
+    finally:
+        snapshot.restore()
+
+
+def _same(before, after) -> bool:
+    if len(before) != len(after):
         return False
-    # The fused sum rounds once like the eager one; later layers may amplify last-bit differences
-    # on a GPU (different kernels), so allow a little, scaled to the logits' size.
-    scale = before.abs().max().clamp_min(1.0)
-    return bool(((before - after).abs().max() <= 1e-3 * scale).item())
+    for expected, got in zip(before, after):
+        if expected.shape != got.shape:
+            return False
+        # The fused sum rounds once like the eager one; later layers may amplify last-bit
+        # differences on a GPU (different kernels), so allow a little, scaled to the outputs' size.
+        scale = expected.abs().max().clamp_min(1.0) if expected.numel() else 1.0
+        if expected.numel() and not bool(((expected - got).abs().max() <= 1e-3 * scale).item()):
+            return False
+    return True
+
+
+def _unknown(model) -> TypeError:
+    lines = [f"swap_input_embeddings does not recognise {type(model).__name__}. It knows:"]
+    for family in _FAMILIES:
+        reason = family.mismatch(model)
+        lines.append(f"  - {family.name}: {family.description} (not this model: {reason})")
+    return TypeError("\n".join(lines))
+
+
+def swap_input_embeddings(model: nn.Module, *, check_ids=True, verify: bool = True) -> nn.Module:
+    """Fuse ``model``'s input embedding (and, where the family allows, its embedding dropout) in
+    place; return ``model``.
+
+    Idempotent. Raises ``TypeError`` listing the supported families (``supported_families()``)
+    and why the model is none of them. ``verify`` runs a probe forward (eval mode, no grad)
+    before and after the swap. Whatever goes wrong while swapping or verifying (an exception,
+    different outputs), the model is put back exactly as it was (forward, modules, Parameters,
+    hooks, attributes) and a ``RuntimeError`` naming the family and the cause is raised.
+    ``check_ids`` is the fused calls' id check (see ``fused_input_embedding``).
+    """
+    if model.__dict__.get(_MARK, False):
+        return model
+    family = next((family for family in _FAMILIES if family.mismatch(model) is None), None)
+    if family is None:
+        raise _unknown(model)
+    snapshot = _Snapshot(model)
+    try:
+        probe = family.probe(model) if verify else None
+        before = _run_probe(model, probe) if verify else None
+        family.install(model, check_ids)
+        if verify:
+            after = _run_probe(model, probe)
+            if not _same(before, after):
+                raise ValueError("its outputs changed after the swap (its forward must differ from the family's)")
+    except Exception as cause:
+        snapshot.restore()
+        raise RuntimeError(f"swap_input_embeddings: {type(model).__name__} looks like a {family.name}, but the swap "
+                           f"failed ({type(cause).__name__}: {cause}); the model was left as it was") from cause
+    model.__dict__[_MARK] = True
+    model.__dict__["tokemb_fast_family"] = family.name
+    return model
