@@ -7,7 +7,7 @@ from .id_check import check_ids_now
 from .module import FusedInputEmbedding, SinusoidalPositionEmbedding, sinusoidal_table
 from .options import LookupOptions, TableOptions
 from .reference import input_embedding_reference
-from .swap import swap_input_embeddings
+from .swap import supported_families, swap_input_embeddings
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "fused_input_embedding",
     "input_embedding_reference",
     "sinusoidal_table",
+    "supported_families",
     "swap_input_embeddings",
     "__version__",
 ]

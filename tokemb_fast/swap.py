@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .module import FusedInputEmbedding
+from .options import check_mode
 
 _MARK = "_tokemb_fast_swapped"
 _FUSED = "_tokemb_fast_fused"
@@ -624,6 +625,7 @@ def swap_input_embeddings(model: nn.Module, *, check_ids=True, verify: bool = Tr
     hooks, attributes) and a ``RuntimeError`` naming the family and the cause is raised.
     ``check_ids`` is the fused calls' id check (see ``fused_input_embedding``).
     """
+    check_mode(check_ids)
     if model.__dict__.get(_MARK, False):
         return model
     family = next((family for family in _FAMILIES if family.mismatch(model) is None), None)
