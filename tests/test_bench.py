@@ -52,7 +52,7 @@ def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     saved_counts = []
     rows = bench.run_cuda([TINY, TINY_DECODE], ["fp32", "bf16"], list(bench.MODES),
-                          ["fused", "fused-checked", "eager", "floor", "fused+dropout", "eager+dropout", "hf-eager",
+                          ["fused", "fused-unchecked", "fused-sync", "eager", "floor", "fused+dropout", "eager+dropout", "hf-eager",
                            "hf-swapped"],
                           ["uniform", "equal"],
                           progress=lambda line: None, device=TRITON_DEVICE, timer=host_timer,
@@ -62,7 +62,7 @@ def test_measurement_rows_table_json_and_plot(tmp_path, monkeypatch):
     impls = {(r.shape, r.dtype, r.mode, r.impl, r.ids) for r in rows}
     assert ("tiny", "bf16", "fwd+bwd", "fused", "equal") in impls
     assert ("tiny", "fp32", "fwd", "floor", "-") in impls
-    assert not any(r.impl == "fused-checked" and r.ids == "equal" for r in rows)  # skew: fused and eager only
+    assert not any(r.impl == "fused-sync" and r.ids == "equal" for r in rows)  # skew: fused and eager only
     for row in rows:
         assert row.ms > 0 and row.floor_ms > 0
         assert row.x_floor == pytest.approx(row.ms / row.floor_ms)
@@ -109,13 +109,32 @@ def test_plot_has_a_panel_per_mode_and_dtype(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_cli_bench_on_cpu_says_it_measures_only_the_fallback(tmp_path, capsys):
+def test_cli_bench_on_cpu_times_the_module_beside_two_embeddings(tmp_path, capsys):
     assert main(["bench", "--shapes", "seed", "--modes", "fwd", "--dtypes", "fp32", "--json",
                  str(tmp_path / "b.json")]) == 0
-    out = capsys.readouterr().out
-    assert "measures ONLY the plain-PyTorch fallback" in out
-    assert "| fwd | torch-cpu | uniform |" in out
-    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["impl"] == "torch-cpu"
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "No CUDA device: timing what runs on this CPU" in out
+    assert "| mode | impl | median ms | quartiles ms | x nn.Embedding x2 |" in out
+    assert "GB/s" not in out and "floor" not in out.split("\n#### ")[1]
+    assert out.count("| fwd | fused |") == 1 and out.count("| fwd | nn.Embedding x2 |") == 1  # the table, once
+    assert "[1/1" in captured.err and "seed fp32 fwd" in captured.err  # progress on stderr, not in the table
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [row["impl"] for row in rows] == ["fused", "nn.Embedding x2"]
+    for row in rows:
+        assert 0 < row["ms_q1"] <= row["ms"] <= row["ms_q3"] and row["extra"]["samples"] == 15
+
+
+def test_cpu_rows_compare_the_same_tables(monkeypatch):
+    steps = bench._cpu_steps(TINY, torch.float32, "fwd+bwd")
+    assert set(steps) == set(bench.CPU_IMPLS)
+    rows = bench.run_cpu([TINY], ["fp32"], ["fwd", "fwd+bwd"], samples=4, sample_s=0.001, progress=lambda label: None)
+    assert [(r.mode, r.impl) for r in rows] == [(m, i) for m in ("fwd", "fwd+bwd") for i in bench.CPU_IMPLS]
+    table = bench.format_cpu_table(rows)
+    for row in rows:
+        baseline = next(r.ms for r in rows if r.mode == row.mode and r.impl == "nn.Embedding x2")
+        assert f"| {row.mode} | {row.impl} | {row.ms:.4f} | {row.ms_q1:.4f}-{row.ms_q3:.4f} | " \
+               f"{row.ms / baseline:.2f} |" in table
 
 
 def test_cli_bench_rejects_unknown_names(capsys):
@@ -139,7 +158,7 @@ def test_compile_rows_are_timed_and_compared(monkeypatch):
         for mode in bench.MODES:
             line = next(l for l in table.splitlines() if l.startswith(f"| {mode} | {fused} |"))
             ratio = pick[(compiled, mode)].ms / pick[(fused, mode)].ms
-            assert line.split("|")[8].strip() == f"{ratio:.2f}x", line  # the "vs compile" column
+            assert line.split("|")[9].strip() == f"{ratio:.2f}x", line  # the "vs compile" column
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite itself runs (bench/gpu_check.sh)")
@@ -154,7 +173,8 @@ def test_pytest_benchmark_suite_runs_at_a_tiny_shape_on_cpu(tmp_path):
     env.update(TOKEMB_FAST_BENCH_SMOKE="1", TRITON_INTERPRET="1", TOKEMB_FAST_BACKEND="auto")
     saved = tmp_path / "benchmarks.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_embedding.py",
+        # -n 0: one process (pytest.ini asks for xdist workers, under which pytest-benchmark saves nothing).
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "bench/bench_embedding.py",
          f"--benchmark-json={saved}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
     cases = 3 * 2 * (3 + len(bench.DROPOUT_IMPLS))  # modes x dtypes x implementations, one shape

@@ -25,7 +25,7 @@ def test_demo_through_the_kernels(capsys, monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     assert main(["demo", "--repeats", "2", "--dtype", "bfloat16", "--embedding-dim", "24"]) == 0
     out = capsys.readouterr().out
-    assert "triton (Triton's CPU interpreter" in out and ": OK" in out
+    assert "(Triton kernels on Triton's CPU interpreter (TRITON_INTERPRET=1))" in out and ": OK" in out
 
 
 def test_demo_with_text_file(tmp_path, capsys):
@@ -64,3 +64,37 @@ def test_console_script_and_module_help():
     for flag in ("--text", "--batch-size", "--max-length", "--stride", "--vocab-size", "--embedding-dim",
                  "--dtype", "--device", "--seed", "--repeats"):
         assert flag in result.stdout
+
+
+def test_version_and_bare_command(capsys):
+    from tokemb_fast import __version__
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+    assert raised.value.code == 0
+    assert capsys.readouterr().out.startswith(f"tokemb-fast {__version__} (torch ")
+    assert main([]) == 0  # a bare command prints the help and succeeds
+    out = capsys.readouterr().out
+    assert "usage: tokemb-fast" in out and "demo" in out and "bench" in out and "info" in out
+    assert "seed's" not in out and "``" not in out
+
+
+def test_info_says_what_a_bug_report_needs(capsys, monkeypatch):
+    import re
+
+    import torch
+    import triton
+
+    from tokemb_fast import __version__
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "torch")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name, value in (("tokemb-fast", __version__), ("torch", torch.__version__), ("triton", triton.__version__),
+                        ("TOKEMB_FAST_BACKEND", "torch"), ("TRITON_INTERPRET", ""),
+                        ("a call on cpu takes", "plain PyTorch: F.embedding + F.embedding")):
+        assert re.search(rf"^{re.escape(name)} +{re.escape(value)}", out, re.MULTILINE), (name, out)
+
+
+def test_demo_names_the_path_plainly(capsys, monkeypatch):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "torch")
+    assert main(["demo", "--repeats", "2"]) == 0
+    assert "device      cpu (plain PyTorch: F.embedding + F.embedding), float32" in capsys.readouterr().out

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .functional import fused_input_embedding
-from .reference import input_embedding_reference
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,10 @@ SHAPES = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwd+bwd")
-IMPLS = ("fused", "fused-checked", "eager", "compile", "floor")
+#: "fused": FusedInputEmbedding as users call it (default id check: the kernel's flag, no sync);
+#: "fused-unchecked": fused_input_embedding with check_ids=False (the kernel alone);
+#: "fused-sync": check_ids="sync" (ids checked on the host before the launch).
+IMPLS = ("fused", "fused-unchecked", "fused-sync", "eager", "compile", "floor")
 #: GPT-2's embedding dropout after the sum: fused (mask regenerated in the backward) against
 #: eager ``F.dropout(tok + pos)`` (which stores a B*T*D mask) and its torch.compile.
 DROPOUT_IMPLS = ("fused+dropout", "eager+dropout", "compile+dropout")
@@ -73,6 +75,9 @@ class Row:
     bytes_moved: int
     peak_extra_mb: Optional[float] = None
     extra: Dict[str, float] = field(default_factory=dict)
+    #: The spread of the timings: first and third quartile, ms.
+    ms_q1: Optional[float] = None
+    ms_q3: Optional[float] = None
 
     @property
     def gbps(self) -> float:
@@ -132,10 +137,11 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device, ids: str = "uniform", 
 
     def normal(*size):
         return torch.randn(*size, generator=generator, device=device).to(dtype)
-    token_weight = normal(shape.vocab_size, shape.dim)
-    position_weight = normal(shape.context_length, shape.dim)
+    # Parameters, so that a module can hold these very tables (the "fused" rows call the module).
+    token_weight = torch.nn.Parameter(normal(shape.vocab_size, shape.dim))
+    position_weight = torch.nn.Parameter(normal(shape.context_length, shape.dim))
     grad_out = normal(shape.batch, shape.seq_len, shape.dim)
-    return input_ids, position_ids, token_weight.requires_grad_(), position_weight.requires_grad_(), grad_out
+    return input_ids, position_ids, token_weight, position_weight, grad_out
 
 
 def _eager(input_ids, token_weight, position_weight, position_ids):
@@ -168,20 +174,40 @@ def _hf_swapped(input_ids, token_weight, position_weight, position_ids):
     return F.dropout(placeholder + fused, DROPOUT_P, training=True)
 
 
+_modules = {}
+
+
+def _module_for(token_weight, position_weight):
+    """A FusedInputEmbedding whose tables are exactly these Parameters (kept per pair of tables)."""
+    from .module import FusedInputEmbedding
+
+    key = (id(token_weight), id(position_weight))
+    module = _modules.get(key)
+    if module is None or module.tok_emb.weight is not token_weight:
+        module = FusedInputEmbedding(1, 1, token_weight.shape[1], device="meta")
+        module.tok_emb.weight, module.pos_emb.weight = token_weight, position_weight
+        module.tok_emb.num_embeddings, module.pos_emb.num_embeddings = token_weight.shape[0], position_weight.shape[0]
+        _modules.clear()
+        _modules[key] = module
+    return module
+
+
 def implementations(compiled: Optional[Callable] = None,
                     compiled_dropout: Optional[Callable] = None) -> Dict[str, Callable]:
     """Forward callables (input_ids, token_weight, position_weight, position_ids) -> output."""
     def fused(ids, tok, pos, pids):
+        return _module_for(tok, pos)(ids, position_ids=pids)
+
+    def fused_unchecked(ids, tok, pos, pids):
         return fused_input_embedding(ids, tok, pos, position_ids=pids, check_ids=False, backend="triton")
 
-    def fused_checked(ids, tok, pos, pids):
-        return fused_input_embedding(ids, tok, pos, position_ids=pids, check_ids=True, backend="triton")
+    def fused_sync(ids, tok, pos, pids):
+        return fused_input_embedding(ids, tok, pos, position_ids=pids, check_ids="sync", backend="triton")
 
     def fused_dropout(ids, tok, pos, pids):
-        return fused_input_embedding(ids, tok, pos, position_ids=pids, dropout_p=DROPOUT_P, check_ids=False,
-                                     backend="triton")
+        return fused_input_embedding(ids, tok, pos, position_ids=pids, dropout_p=DROPOUT_P, backend="triton")
 
-    impls = {"fused": fused, "fused-checked": fused_checked, "eager": _eager,
+    impls = {"fused": fused, "fused-unchecked": fused_unchecked, "fused-sync": fused_sync, "eager": _eager,
              "fused+dropout": fused_dropout, "eager+dropout": _eager_dropout,
              "hf-eager": _hf_eager, "hf-swapped": _hf_swapped}
     if compiled is not None:
@@ -221,9 +247,14 @@ def _floor_step(shape: Shape, dtype, device, mode):
     return run
 
 
-def _median_ms_cuda(fn) -> float:
+def _quartiles_ms_cuda(fn):
+    """(first quartile, median, third quartile) ms of do_bench's repetitions."""
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75]))
+
+
+def _median_ms_cuda(fn) -> float:
+    return _quartiles_ms_cuda(fn)[1]
 
 
 def _peak_extra_mb(fn, device) -> float:
@@ -243,9 +274,10 @@ def _measure(forward, inputs, mode, timer, device, on_cuda) -> dict:
     if on_cuda:
         torch.cuda.synchronize(device)
     first_call_s = time.perf_counter() - started
-    ms = timer(step)
+    timed = timer(step)
+    q1, ms, q3 = timed if isinstance(timed, tuple) else (None, timed, None)
     peak = _peak_extra_mb(step, device) if on_cuda else None
-    return dict(ms=ms, peak_extra_mb=peak, extra={"first_call_s": first_call_s})
+    return dict(ms=ms, ms_q1=q1, ms_q3=q3, peak_extra_mb=peak, extra={"first_call_s": first_call_s})
 
 
 def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: List[str], ids: List[str],
@@ -258,7 +290,7 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
     failures list, a row that raises is reported there (and through progress) and the run goes on
     with the next row; without one, the error propagates."""
     device = torch.device("cuda") if device is None else torch.device(device)
-    timer = _median_ms_cuda if timer is None else timer
+    timer = _quartiles_ms_cuda if timer is None else timer
     on_cuda = device.type == "cuda"
     rows: List[Row] = []
     for shape in shapes:
@@ -271,16 +303,19 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                 if "compile+dropout" in impls else None
             forwards = implementations(compiled, compiled_dropout)
             for mode in modes:
-                floor_ms = timer(_floor_step(shape, dtype, device, mode))
+                timed = timer(_floor_step(shape, dtype, device, mode))
+                floor_q1, floor_ms, floor_q3 = timed if isinstance(timed, tuple) else (None, timed, None)
                 moved = bytes_moved(shape, torch.tensor([], dtype=dtype).element_size(), mode)
                 if "floor" in impls:
-                    rows.append(Row(shape.name, dtype_name, mode, "floor", "-", floor_ms, floor_ms, moved))
+                    rows.append(Row(shape.name, dtype_name, mode, "floor", "-", floor_ms, floor_ms, moved,
+                                    ms_q1=floor_q1, ms_q3=floor_q3))
                 for id_kind in ids:
                     inputs = make_inputs(shape, dtype, device, id_kind)
                     for impl in impls:
                         if impl == "floor" or (id_kind != "uniform" and impl not in ("fused", "eager",
                                                                                       "fused+dropout")):
                             continue
+                        progress(f"{shape.name} {dtype_name} {mode} {impl} {id_kind}")
                         try:
                             measured = _measure(forwards[impl], inputs, mode, timer, device, on_cuda)
                         except Exception as error:  # noqa: BLE001  (reported, and the run goes on)
@@ -290,13 +325,9 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                             message = f"{shape.name} {dtype_name} {mode} {impl} {id_kind}: " \
                                       f"{type(error).__name__}: {first_line}"
                             failures.append(message)
-                            progress(f"  FAILED {message}")
                             continue
-                        row = Row(shape.name, dtype_name, mode, impl, id_kind, floor_ms=floor_ms,
-                                  bytes_moved=moved, **measured)
-                        rows.append(row)
-                        progress(f"  {shape.name:10s} {dtype_name:5s} {mode:8s} {impl:14s} {id_kind:8s} "
-                                 f"{row.ms:8.4f} ms  {row.x_floor:6.2f}x floor")
+                        rows.append(Row(shape.name, dtype_name, mode, impl, id_kind, floor_ms=floor_ms,
+                                        bytes_moved=moved, **measured))
                     del inputs
                 if on_cuda:
                     torch.cuda.empty_cache()
@@ -305,31 +336,108 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
     return rows
 
 
-def run_cpu(shapes: List[Shape], dtypes: List[str], modes: List[str], repeats: int = 20,
+#: What runs on a CPU: the module as users call it (its plain-PyTorch path there), and the two
+#: nn.Embedding modules summed that it replaces (positions from torch.arange, as GPT-2 code does).
+CPU_IMPLS = ("fused", "nn.Embedding x2")
+
+
+class _TwoEmbeddings(torch.nn.Module):
+    def __init__(self, tok_emb, pos_emb):
+        super().__init__()
+        self.tok_emb, self.pos_emb = tok_emb, pos_emb
+
+    def forward(self, input_ids, position_ids=None):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        return self.tok_emb(input_ids) + self.pos_emb(position_ids)
+
+
+def _cpu_steps(shape: Shape, dtype: torch.dtype, mode: str) -> Dict[str, Callable[[], None]]:
+    from .module import FusedInputEmbedding
+
+    input_ids, position_ids, token_weight, position_weight, grad_out = make_inputs(shape, dtype, "cpu")
+    fused = FusedInputEmbedding.from_pretrained(token_weight.detach(), position_weight.detach(), freeze=False)
+    modules = {"fused": fused, "nn.Embedding x2": _TwoEmbeddings(fused.tok_emb, fused.pos_emb)}  # one set of tables
+
+    def step(module):
+        if mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    module(input_ids, position_ids)
+        else:
+            def run():
+                module.zero_grad(set_to_none=True)
+                module(input_ids, position_ids).backward(grad_out)
+        return run
+    return {name: step(module) for name, module in modules.items()}
+
+
+def _cpu_samples(steps: Dict[str, Callable[[], None]], samples: int, sample_s: float) -> Dict[str, List[float]]:
+    """Per-call ms, ``samples`` per implementation, taken in alternation so that both see the same
+    state of the machine; each sample is the mean over enough calls to last ``sample_s``."""
+    calls = {}
+    for name, step in steps.items():
+        # Warm-up: allocator, caches, the first calls' checks; then size a sample.
+        started = time.perf_counter()
+        n = 0
+        while n < 3 or time.perf_counter() - started < sample_s:
+            step()
+            n += 1
+        calls[name] = max(1, int(n * sample_s / max(time.perf_counter() - started, 1e-9)))
+    times = {name: [] for name in steps}
+    for _ in range(samples):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for _ in range(calls[name]):
+                step()
+            times[name].append((time.perf_counter() - started) / calls[name] * 1e3)
+    return times
+
+
+def _quartiles(values: List[float]):
+    ordered = sorted(values)
+    if len(ordered) < 4:
+        return ordered[0], statistics.median(ordered), ordered[-1]
+    q1, median, q3 = statistics.quantiles(ordered, n=4)
+    return q1, median, q3
+
+
+def run_cpu(shapes: List[Shape], dtypes: List[str], modes: List[str], samples: int = 15, sample_s: float = 0.05,
             progress: Callable[[str], None] = print) -> List[Row]:
-    """The plain-PyTorch fallback only: there is no kernel, no floor and no compile on a CPU here."""
+    """What runs on a CPU: FusedInputEmbedding (plain PyTorch there) beside two nn.Embedding modules
+    summed, on the same tables. No kernel, no floor and no torch.compile here."""
     rows = []
     for shape in shapes:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            inputs = make_inputs(shape, dtype, "cpu")
-
-            def forward(ids, tok, pos, pids):
-                return input_embedding_reference(ids, tok, pos, pids)
-
             for mode in modes:
-                step = _step(forward, inputs, mode)
-                step()
-                times = []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - started)
-                ms = statistics.median(times) * 1e3
+                progress(f"{shape.name} {dtype_name} {mode}")
+                times = _cpu_samples(_cpu_steps(shape, dtype, mode), samples, sample_s)
                 moved = bytes_moved(shape, torch.tensor([], dtype=dtype).element_size(), mode)
-                rows.append(Row(shape.name, dtype_name, mode, "torch-cpu", "uniform", ms, float("nan"), moved))
-                progress(f"  {shape.name:10s} {dtype_name:5s} {mode:8s} torch-cpu {ms:9.3f} ms")
+                for impl in CPU_IMPLS:
+                    q1, ms, q3 = _quartiles(times[impl])
+                    rows.append(Row(shape.name, dtype_name, mode, impl, "uniform", ms, float("nan"), moved,
+                                    ms_q1=q1, ms_q3=q3, extra={"samples": len(times[impl])}))
     return rows
+
+
+def _spread(row: Row) -> str:
+    return "-" if row.ms_q1 is None else f"{row.ms_q1:.4f}-{row.ms_q3:.4f}"
+
+
+def format_cpu_table(rows: List[Row]) -> str:
+    """One markdown table per shape and dtype for CPU rows: median, quartiles, ratio to nn.Embedding x2."""
+    out = []
+    for shape_name, dtype_name in dict.fromkeys((row.shape, row.dtype) for row in rows):
+        shape = SHAPES.get(shape_name)
+        title = f"{shape_name} ({shape.describe()}), {dtype_name}" if shape else f"{shape_name}, {dtype_name}"
+        out += [f"\n#### {title}, CPU\n", "| mode | impl | median ms | quartiles ms | x nn.Embedding x2 |",
+                "| --- | --- | ---: | ---: | ---: |"]
+        group = [r for r in rows if (r.shape, r.dtype) == (shape_name, dtype_name)]
+        for row in group:
+            baseline = next(r.ms for r in group if r.mode == row.mode and r.impl == "nn.Embedding x2")
+            out.append(f"| {row.mode} | {row.impl} | {row.ms:.4f} | {_spread(row)} | {row.ms / baseline:.2f} |")
+    return "\n".join(out)
 
 
 def format_table(rows: List[Row]) -> str:
@@ -343,8 +451,9 @@ def format_table(rows: List[Row]) -> str:
         shape = SHAPES.get(shape_name)
         title = f"{shape_name} ({shape.describe()}), {dtype_name}" if shape else f"{shape_name}, {dtype_name}"
         out.append(f"\n#### {title}\n")
-        out.append("| mode | impl | ids | median ms | GB/s | x floor | vs eager | vs compile | peak extra MiB |")
-        out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out.append("| mode | impl | ids | median ms | quartiles ms | GB/s | x floor | vs eager | vs compile "
+                   "| peak extra MiB |")
+        out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         group = [r for r in rows if (r.shape, r.dtype) == (shape_name, dtype_name)]
         for row in group:
             def baseline(impl):
@@ -359,8 +468,8 @@ def format_table(rows: List[Row]) -> str:
             vs_compile = f"{compiled / row.ms:.2f}x" if compiled else "-"
             x_floor = "-" if row.floor_ms != row.floor_ms else f"{row.x_floor:.2f}"
             peak = "-" if row.peak_extra_mb is None else f"{row.peak_extra_mb:.1f}"
-            out.append(f"| {row.mode} | {row.impl} | {row.ids} | {row.ms:.4f} | {row.gbps:.0f} | {x_floor} | "
-                       f"{vs_eager} | {vs_compile} | {peak} |")
+            out.append(f"| {row.mode} | {row.impl} | {row.ids} | {row.ms:.4f} | {_spread(row)} | {row.gbps:.0f} | "
+                       f"{x_floor} | {vs_eager} | {vs_compile} | {peak} |")
     return "\n".join(out)
 
 
@@ -384,15 +493,21 @@ def save_plot(rows: List[Row], path: str, env: dict) -> None:
     for ax, (mode, dtype) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r.mode == mode and r.dtype == dtype and r.ids in ("uniform", "-")]
         shapes = list(dict.fromkeys(r.shape for r in sel))
-        impls = [i for i in IMPLS + DROPOUT_IMPLS + HF_IMPLS + ("torch-cpu",) if any(r.impl == i for r in sel)]
+        impls = [i for i in IMPLS + DROPOUT_IMPLS + HF_IMPLS + CPU_IMPLS if any(r.impl == i for r in sel)]
         width = 0.8 / max(len(impls), 1)
+        on_cpu = all(r.impl in CPU_IMPLS for r in sel)  # bandwidth means nothing for the CPU fallback
         for k, impl in enumerate(impls):
-            values = [next((r.gbps for r in sel if r.shape == s and r.impl == impl), 0.0) for s in shapes]
+            values = [next(((r.ms if on_cpu else r.gbps) for r in sel if r.shape == s and r.impl == impl), 0.0)
+                      for s in shapes]
             ax.bar([i + k * width for i in range(len(shapes))], values, width, label=impl)
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(shapes))])
         ax.set_xticklabels(shapes)
-        ax.set_ylabel("GB/s (minimal bytes / time)")
-        ax.set_title(f"{mode}, {dtype}: higher is better; 'floor' = device copy of the same bytes")
+        if on_cpu:
+            ax.set_ylabel("median ms per call")
+            ax.set_title(f"{mode}, {dtype}, CPU: lower is better")
+        else:
+            ax.set_ylabel("GB/s (minimal bytes / time)")
+            ax.set_title(f"{mode}, {dtype}: higher is better; 'floor' = device copy of the same bytes")
         ax.legend(fontsize=8, ncol=len(impls))
     fig.suptitle(f"tokemb-fast on {env.get('device')} (torch {env.get('torch')}, triton {env.get('triton')}, "
                  f"{env.get('date')})", fontsize=10)

@@ -1,4 +1,9 @@
-"""``tokemb-fast`` command line: ``demo`` (the seed's pipeline end to end) and ``bench``."""
+"""The tokemb-fast command: demo, bench and info.
+
+  tokemb-fast demo     tokenize the bundled story, batch it, embed it, check it against plain PyTorch
+  tokemb-fast bench    time the fused op beside eager PyTorch, torch.compile and a memory copy
+  tokemb-fast info     what a bug report needs: versions, device, which path a call takes
+"""
 import argparse
 import statistics
 import sys
@@ -9,7 +14,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .data import GPT2_VOCAB_SIZE, SAMPLE_TEXT_FILE, create_dataloader, gpt2_encoding, sample_text
-from .functional import resolve_backend
+from ._version import __version__
+from .functional import backend_name, resolve_backend
 from .module import FusedInputEmbedding
 from .reference import input_embedding_reference
 
@@ -41,13 +47,13 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(times)
 
 
+PATHS = {"torch": "plain PyTorch: F.embedding + F.embedding",
+         "triton-interpreter": "Triton kernels on Triton's CPU interpreter (TRITON_INTERPRET=1)",
+         "triton": "Triton kernels, compiled"}
+
+
 def _path_description(device: torch.device) -> str:
-    backend = resolve_backend(None, device)
-    if backend == "torch":
-        return "torch (plain PyTorch: F.embedding + F.embedding)"
-    if device.type == "cpu":
-        return "triton (Triton's CPU interpreter, TRITON_INTERPRET=1)"
-    return "triton (fused kernel)"
+    return PATHS[backend_name(device)]
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -109,7 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
         reference_s = _median_seconds(lambda: input_embedding_reference(inputs, *weights), device, args.repeats)
     print(f"  time/batch  fused {fused_s * 1e6:.1f} us, reference {reference_s * 1e6:.1f} us "
           f"(median of {args.repeats}, host clock; {reference_s / fused_s:.2f}x)")
-    if device.type == "cpu" and resolve_backend(None, device) == "torch":
+    if backend_name(device) == "torch":
         print("  note        on the CPU both sides are the same plain-PyTorch code; run on a GPU to see the kernel")
     return 0 if ok else 1
 
@@ -124,6 +130,30 @@ def _csv(choices):
     return parse
 
 
+class Progress:
+    """One status line on stderr, rewritten in place on a terminal; elsewhere (CI logs) a line per
+    step. Never mixed into the table on stdout."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.stream = total, 0, stream or sys.stderr
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started = time.perf_counter()
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        line = f"[{self.done}/{self.total} {time.perf_counter() - self.started:5.0f}s] {label}"
+        if self.live:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -132,19 +162,30 @@ def run_bench(args: argparse.Namespace) -> int:
     failures = []  # rows that raised: reported at the end, and the exit status says so
     if torch.cuda.is_available():
         print(f"tokemb-fast bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']})")
-        print("median ms of triton.testing.do_bench; floor = device copy of the bytes the op must move")
+        print("median and quartiles of triton.testing.do_bench, ms; floor = a device copy of the bytes the op must "
+              "move")
         # With --json, the file is rewritten after each shape and dtype: a run stopped by a time
         # limit still leaves what it measured.
         save_partial = (lambda rows_so_far: bench.save_json(rows_so_far, args.json, env)) if args.json else None
+        # (Skewed id distributions time the fused and eager rows only.)
+        rows_per_group = len(args.modes) * sum(
+            1 for ids in args.ids for impl in args.impls
+            if impl != "floor" and (ids == "uniform" or impl in ("fused", "eager", "fused+dropout")))
+        progress = Progress(len(shapes) * len(args.dtypes) * rows_per_group)
         rows = bench.run_cuda(shapes, args.dtypes, args.modes, args.impls, args.ids, on_group=save_partial,
-                              failures=failures)
+                              failures=failures, progress=progress)
+        progress.close()
+        print(bench.format_table(rows))
     else:
-        print("No CUDA device: this measures ONLY the plain-PyTorch fallback on the CPU "
-              f"({env['device']}, torch {env['torch']}). No Triton kernel, no floor and no torch.compile "
-              "numbers are produced; run on a GPU for those.")
+        print(f"No CUDA device: timing what runs on this CPU ({env['device']}, torch {env['torch']}): "
+              "FusedInputEmbedding, whose CPU path is plain PyTorch, beside the two nn.Embedding modules summed "
+              "that it replaces, on the same tables. No Triton kernel, floor or torch.compile numbers: run on a "
+              "GPU for those. Median and quartiles of per-call ms, samples taken in alternation.")
         cpu_shapes = [s for s in shapes if s.name in ("seed", "decode", "gpt2-124M")] if args.shapes_default else shapes
-        rows = bench.run_cpu(cpu_shapes, args.dtypes, args.modes)
-    print(bench.format_table(rows))
+        progress = Progress(len(cpu_shapes) * len(args.dtypes) * len(args.modes))
+        rows = bench.run_cpu(cpu_shapes, args.dtypes, args.modes, progress=progress)
+        progress.close()
+        print(bench.format_cpu_table(rows))
     if args.json:
         bench.save_json(rows, args.json, env)
         print(f"\nwrote {args.json}")
@@ -157,14 +198,65 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_line() -> str:
+    return f"tokemb-fast {__version__} (torch {torch.__version__})"
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print what a bug report needs, in the spirit of python -m torch.utils.collect_env."""
+    import os
+    import platform
+    lines = [("tokemb-fast", __version__), ("python", f"{platform.python_version()} ({sys.executable})"),
+             ("platform", platform.platform()), ("torch", torch.__version__)]
+    try:
+        import triton
+        lines.append(("triton", triton.__version__))
+    except ImportError as error:
+        lines.append(("triton", f"not importable ({error})"))
+    lines.append(("numpy", _version_of("numpy")))
+    lines.append(("transformers", _version_of("transformers")))
+    lines.append(("CUDA (torch built with)", torch.version.cuda or "none (a CPU build)"))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            lines.append((f"cuda:{index}", f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"))
+    else:
+        lines.append(("GPU", "none visible"))
+    for name in ("TOKEMB_FAST_BACKEND", "TRITON_INTERPRET", "TOKEMB_FAST_CACHED_LAUNCH", "CUDA_VISIBLE_DEVICES"):
+        lines.append((name, os.environ.get(name, "(unset)")))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        try:
+            path = PATHS[backend_name(device)]
+        except (RuntimeError, ValueError) as error:
+            path = f"none: {error}"
+        lines.append((f"a call on {device} takes", path))
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _version_of(module_name: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(module_name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokemb-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="tokemb-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The first layer of a GPT model, token + position embedding, fused on the GPU.",
+        epilog="Run 'tokemb-fast COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=_version_line())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="tokenize text, batch it, embed it with FusedInputEmbedding and check parity",
-        description="Run the seed's pipeline: GPT-2 tokenization (offline), a sliding-window loader, "
-                    "FusedInputEmbedding on the best device, parity against the plain-PyTorch "
-                    "reference and time per batch. Exits 1 if parity fails, 2 on bad arguments.")
+        "demo", help="tokenize the bundled story, batch it, embed it and check it against plain PyTorch",
+        description="Tokenize a text with GPT-2's tokenizer (no download), cut it into sliding windows, embed "
+                    "each batch with FusedInputEmbedding on the best device, check every output against plain "
+                    "PyTorch and time a batch. Exits 1 if the check fails, 2 on bad arguments.")
     demo.add_argument("--text", metavar="FILE", help="UTF-8 text to tokenize (default: the bundled "
                                                        "'The Verdict' by Edith Wharton)")
     demo.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
@@ -183,10 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import (DROPOUT_IMPLS, DROPOUT_P, DTYPES as BENCH_DTYPES, HF_IMPLS, ID_DISTRIBUTIONS, IMPLS, MODES,
                         SHAPES)
     bench = sub.add_parser(
-        "bench", help="time fused vs eager vs torch.compile vs the memory floor, a table per shape and dtype",
-        description="Benchmark the fused op side by side with eager PyTorch, torch.compile and the "
-                    "memory-traffic floor (a device copy of the same bytes), in one process on one GPU. "
-                    "On a machine without CUDA it times only the plain-PyTorch fallback and says so.")
+        "bench", help="time the fused op beside eager PyTorch, torch.compile and a memory copy",
+        description="Time the fused op side by side with eager PyTorch, torch.compile and the memory-traffic "
+                    "floor (a device copy of the bytes the op must move), in one process on one GPU: a table per "
+                    "shape and dtype, each row a median with its spread. Without a GPU it times what runs on "
+                    "the CPU instead: the module's plain-PyTorch path beside two nn.Embedding modules summed.")
     bench.add_argument("--shapes", type=_csv(list(SHAPES)), default=None,
                        help=f"comma-separated, from {', '.join(SHAPES)} (default: all; on CPU: seed, decode, gpt2-124M)")
     bench.add_argument("--dtypes", type=_csv(list(BENCH_DTYPES)), default=["fp32", "bf16"],
@@ -202,12 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="FILE.png", help="also plot achieved bandwidth against the floor "
                                                            "(needs matplotlib: the [bench] extra)")
     bench.set_defaults(func=run_bench)
+    info = sub.add_parser("info", help="print versions, devices and which path a call takes (for bug reports)",
+                          description="Print what a bug report needs: tokemb-fast, Python, torch, Triton, CUDA and "
+                                      "transformers versions, the GPUs, the environment variables that choose a "
+                                      "path, and which path a call on each device takes.")
+    info.set_defaults(func=run_info)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # a bare `tokemb-fast`: say what there is
+        parser.print_help()
+        return 0
     if args.command == "bench":
         from .bench import SHAPES
         args.shapes_default = args.shapes is None
