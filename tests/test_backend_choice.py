@@ -27,5 +27,26 @@ def test_env_var_forces_triton_on_cpu(monkeypatch):
 
 def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
     monkeypatch.setattr(triton_ops, "INTERPRETED", False)
+    from tokemb_fast import functional
+    monkeypatch.setattr(functional, "_prepared", {})  # checks cached by an earlier call with the interpreter on
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 in the environment before importing tokemb_fast"):
         grad_fn_name(backend="triton")
+
+
+def test_the_module_says_which_path_ran(monkeypatch):
+    from tokemb_fast import FusedInputEmbedding, backend_name
+    module = FusedInputEmbedding(10, 4, 3)
+    assert module.last_backend is None and "backend='torch' (not called yet)" in repr(module)
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "torch")
+    module(torch.tensor([[1, 2]]))
+    assert module.last_backend == "torch" and backend_name("cpu") == "torch"
+    assert "backend='torch'" in repr(module) and "not called yet" not in repr(module)
+    if triton_ops.INTERPRETED:
+        monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+        module(torch.tensor([[1, 2]]))
+        assert module.last_backend == "triton-interpreter" == backend_name("cpu")
+        assert "backend='triton-interpreter'" in repr(module)
+    meta = FusedInputEmbedding(10, 4, 3, device="meta")
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    assert "backend=none (backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not " \
+           "on meta tensors)" in repr(meta)

@@ -1,15 +1,15 @@
 """tokemb-fast: the first layer of a GPT model (token embedding + absolute position embedding),
 fused into one Triton kernel on the GPU with a deterministic hand-written backward, and plain
 PyTorch on the CPU."""
+from ._version import __version__
 from .autograd import EmbeddingGradFunction, FusedInputEmbeddingFunction, dropout_seed
-from .functional import fused_input_embedding
+from .functional import backend_name, fused_input_embedding
 from .id_check import check_ids_now
 from .module import FusedInputEmbedding, SinusoidalPositionEmbedding, sinusoidal_table
 from .options import LookupOptions, TableOptions
 from .reference import input_embedding_reference
 from .swap import supported_families, swap_input_embeddings
 
-__version__ = "0.1.0"
 
 __all__ = [
     "EmbeddingGradFunction",
@@ -18,6 +18,7 @@ __all__ = [
     "LookupOptions",
     "SinusoidalPositionEmbedding",
     "TableOptions",
+    "backend_name",
     "check_ids_now",
     "dropout_seed",
     "fused_input_embedding",

@@ -11,6 +11,7 @@ costs a dict lookup: at the GPT-2 sizes the host time of a call is what users fe
 """
 import os
 import sys
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -68,9 +69,24 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return "triton"
 
 
+#: What ``backend_name`` and ``FusedInputEmbedding.last_backend`` report.
+BACKEND_NAMES = ("triton", "triton-interpreter", "torch")
+
+
+def backend_name(device, backend: Optional[str] = None) -> str:
+    """Which path a call on ``device`` takes now: "triton" (the compiled kernels), "triton-interpreter"
+    (the kernels on Triton's CPU interpreter) or "torch" (plain PyTorch, F.embedding + F.embedding).
+    Raises as a call would for a path that cannot run (e.g. backend="triton" on a meta tensor)."""
+    device = torch.device(device)
+    if resolve_backend(backend, device) == "torch":
+        return "torch"
+    return "triton-interpreter" if device.type == "cpu" else "triton"
+
+
 class _Prepared(NamedTuple):
     """What the checks of a call concluded, for every later call with the same key."""
     use_triton: bool
+    backend: str                    # one of BACKEND_NAMES
     options: LookupOptions          # normalised (padding rows >= 0)
     renorm: bool                    # max_norm on either table
     check_on_error: bool            # plain PyTorch on CPU: F.embedding's own IndexError triggers our check
@@ -78,6 +94,13 @@ class _Prepared(NamedTuple):
 
 _prepared = {}
 _MAX_PREPARED = 4096
+# The path the last call on this thread took (FusedInputEmbedding.last_backend reads it).
+_last = threading.local()
+
+
+def last_backend() -> Optional[str]:
+    """The path the last fused_input_embedding call of this thread took (see backend_name)."""
+    return getattr(_last, "backend", None)
 
 
 def fused_input_embedding(
@@ -161,6 +184,7 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
                 _prepared.clear()
             _prepared[key] = prepared
     options = prepared.options
+    _last.backend = prepared.backend
 
     if not prepared.use_triton:
         if check_ids and not prepared.check_on_error:
@@ -226,7 +250,8 @@ def _prepare(input_ids, token_weight, position_weight, position_ids, past_length
     # call, about as costly as the lookup at small sizes) can wait for its IndexError, unless
     # max_norm would renormalise a table before the lookup fails.
     check_on_error = bool(check_ids) and not use_triton and token_weight.device.type == "cpu" and not renorm
-    return _Prepared(use_triton, options, renorm, check_on_error)
+    backend = "torch" if not use_triton else "triton-interpreter" if token_weight.device.type == "cpu" else "triton"
+    return _Prepared(use_triton, backend, options, renorm, check_on_error)
 
 
 _positions = {}

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import _fused
+from .functional import _fused, backend_name, last_backend
 from .options import check_mode
 from .validation import check_dropout, check_table_options, check_token_scale
 
@@ -184,16 +184,29 @@ class FusedInputEmbedding(nn.Module):
         # because at GPT-2 sizes the host time of a call is what users feel.
         modules = self._modules
         tok, pos, drop = modules["tok_emb"], modules["pos_emb"], modules["drop"]
-        return _fused(input_ids, tok.weight, pos.weight, position_ids, past_length,
-                      (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
-                       pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
-                      drop.p if drop.training else 0.0, self.check_ids, self.token_scale, None)
+        out = _fused(input_ids, tok.weight, pos.weight, position_ids, past_length,
+                     (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
+                      pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
+                     drop.p if drop.training else 0.0, self.check_ids, self.token_scale, None)
+        if not torch.compiler.is_compiling():
+            self.__dict__["last_backend"] = last_backend()  # (not through nn.Module.__setattr__: per call)
+        return out
+
+    #: The path the last call took: "triton", "triton-interpreter" or "torch" (None before a call).
+    last_backend = None
 
     def extra_repr(self) -> str:
         position = "sinusoidal" if isinstance(self.pos_emb, SinusoidalPositionEmbedding) else "learned"
+        if self.last_backend is not None:
+            backend = repr(self.last_backend)
+        else:
+            try:
+                backend = f"{backend_name(self.tok_emb.weight.device)!r} (not called yet)"
+            except (RuntimeError, ValueError) as error:  # no path can run on these tables
+                backend = f"none ({error})"
         return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, "
                 f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids!r}"
-                + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}"))
+                + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}") + f", backend={backend}")
 
 
 def _as_dropout(dropout) -> nn.Dropout:
