@@ -138,3 +138,15 @@ def test_checked_forward_does_not_wait_for_the_gpu(module):
     assert elapsed < 0.02, f"the forward took {elapsed * 1e3:.1f} ms: it waited for the GPU"
     with pytest.raises(IndexError, match=TOKEN_ERROR):
         out.sum().backward()
+
+
+@pytest.mark.skipif(not triton_ops.INTERPRETED, reason="CPU twin (aot_eager through the interpreted kernels); on a "
+                                                       "GPU, Inductor: see test_compile.py")
+def test_a_compiled_call_records_bad_ids_for_a_later_check(module):
+    module(good_ids()).sum().backward()  # an eager call makes the device's flag
+    compiled = torch.compile(lambda ids: module(ids).square().mean(), backend="aot_eager", fullgraph=True)
+    assert torch.isfinite(compiled(good_ids()))
+    check_ids_now()
+    assert torch.isnan(compiled(bad_ids()))  # no sync inside the graph: no error yet
+    with pytest.raises(IndexError, match=TOKEN_ERROR):
+        check_ids_now()

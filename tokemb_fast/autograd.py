@@ -142,6 +142,10 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
     if check is True:
         if plain:
             flag, guard = id_check.flag_for_launch(device)
+        elif compiling:
+            # The compiled graph writes the device's flag (an input it mutates); an eager call or
+            # check_ids_now() reads it. (Made by an eager call first: a compiled one cannot.)
+            flag = id_check.compiled_flag(device)
     elif check == "sync" and not compiling:
         check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
     scale = token_scale = None

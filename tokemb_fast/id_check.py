@@ -136,6 +136,12 @@ def flag_for_launch(device: torch.device):
     return found.flag, found
 
 
+def compiled_flag(device: torch.device) -> Optional[torch.Tensor]:
+    """The flag a torch.compile'd call writes: the device's, if an eager call has made it."""
+    found = _guards.get(device)
+    return None if found is None else found.flag
+
+
 def guard(device: torch.device) -> _DeviceGuard:
     """The flag and pending checks of ``device`` (created on first use)."""
     found = _guards.get(device)
