@@ -1,17 +1,24 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "tokemb_fast" / "_version.py").read_text()).group(1)
 
 setup(
     name="tokemb-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fused token + position embedding (GPT-2 style) in Triton, with a deterministic backward",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     # kernels/ ships inside the package: a top-level module named `kernels` belongs to another project.
     packages=["tokemb_fast", "tokemb_fast.kernels"],
     package_dir={"tokemb_fast": "tokemb_fast", "tokemb_fast.kernels": "kernels"},
-    package_data={"tokemb_fast": ["assets/*.tiktoken", "assets/*.txt", "assets/NOTICE"]},
+    package_data={"tokemb_fast": ["assets/*.tiktoken", "assets/*.txt", "assets/NOTICE", "py.typed"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.6,<3",
@@ -20,7 +27,7 @@ setup(
         "numpy",  # torch warns at import without it; Triton's CPU interpreter needs it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "hf": ["transformers>=4.45"],
     },
