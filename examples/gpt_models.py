@@ -72,44 +72,22 @@ class GPTModel(nn.Module):
 
 
 class GPTModelKV(GPTModel):
-    """The KV-cache variant: positions continue from current_pos when use_cache=True."""
+    """gpt_with_kv_cache.py's layout: blocks in a ModuleList called with use_cache, positions continuing
+    from the counter current_pos when use_cache=True."""
+
+    counter = "current_pos"
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.trf_blocks = nn.ModuleList(list(self.trf_blocks))
-        self.current_pos = 0
-
-    def forward(self, in_idx, use_cache=False):
-        seq_len = in_idx.shape[1]
-        if use_cache:
-            pos_ids = torch.arange(self.current_pos, self.current_pos + seq_len, device=in_idx.device)
-            self.current_pos += seq_len
-        else:
-            pos_ids = torch.arange(0, seq_len, device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids).unsqueeze(0))
-        for block in self.trf_blocks:
-            x = block(x, use_cache=use_cache)
-        return self.out_head(self.final_norm(x))
-
-    def reset_kv_cache(self):
-        for block in self.trf_blocks:
-            block.att.reset_cache()
-        self.current_pos = 0
-
-
-class GPTModelKVOptimized(GPTModel):
-    """gpt_with_kv_cache_optimized.py's layout: the position counter is ptr_current_pos."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.trf_blocks = nn.ModuleList(list(self.trf_blocks))
-        self.ptr_current_pos = 0
+        setattr(self, self.counter, 0)
 
     def forward(self, in_idx, use_cache=False):
         batch_size, seq_len = in_idx.shape
         if use_cache:
-            pos_ids = torch.arange(self.ptr_current_pos, self.ptr_current_pos + seq_len, device=in_idx.device)
-            self.ptr_current_pos += seq_len
+            start = getattr(self, self.counter)
+            pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
+            setattr(self, self.counter, start + seq_len)
         else:
             pos_ids = torch.arange(0, seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids).unsqueeze(0))
@@ -120,7 +98,13 @@ class GPTModelKVOptimized(GPTModel):
     def reset_kv_cache(self):
         for block in self.trf_blocks:
             block.att.reset_cache()
-        self.ptr_current_pos = 0
+        setattr(self, self.counter, 0)
+
+
+class GPTModelKVOptimized(GPTModelKV):
+    """gpt_with_kv_cache_optimized.py's layout: the same, the counter named ptr_current_pos."""
+
+    counter = "ptr_current_pos"
 
 
 def generate_with_cache(model, idx, new_tokens):

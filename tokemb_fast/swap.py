@@ -119,13 +119,14 @@ def _fused(model) -> FusedInputEmbedding:
     return model.__dict__[_FUSED]
 
 
-def _install_forward(forward, tok_emb, pos_emb, dropout):
+def _install_forward(forward, tok_emb, pos_emb, dropout, bound=()):
     """An installer that replaces the instance's forward with ``forward`` (a module-level function,
-    bound through functools.partial so that torch.save(model) and copy.deepcopy keep working)."""
+    bound with the model and ``bound`` through functools.partial, so that torch.save(model) and
+    copy.deepcopy keep working)."""
     def install(model, check_ids):
         model.__dict__[_FUSED] = FusedInputEmbedding.from_embeddings(
             tok_emb(model), pos_emb(model), dropout=dropout(model), check_ids=check_ids)
-        model.forward = functools.partial(forward, model)
+        model.forward = functools.partial(forward, model, *bound)
     return install
 
 
@@ -228,16 +229,8 @@ def _cache_family(attribute, source):
         lambda m: _first(lambda: _lfs_modules(m), lambda: _int_attribute(m, attribute),
                          lambda: _signature_mismatch(m, ["in_idx", "use_cache=False"]),
                          lambda: _blocks_mismatch(m.trf_blocks, nn.ModuleList, ("use_cache",), "trf_blocks")),
-        _install_cache_forward(attribute),
+        _install_forward(_lfs_cache_forward, **_LFS_TABLES, bound=(attribute,)),
         _lfs_probe)
-
-
-def _install_cache_forward(attribute):
-    def install(model, check_ids):
-        model.__dict__[_FUSED] = FusedInputEmbedding.from_embeddings(model.tok_emb, model.pos_emb,
-                                                                     dropout=model.drop_emb, check_ids=check_ids)
-        model.forward = functools.partial(_lfs_cache_forward, model, attribute)
-    return install
 
 
 LLMS_FROM_SCRATCH_KV = _cache_family("current_pos", "ch04/03_kv-cache/gpt_with_kv_cache.py")
