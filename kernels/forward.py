@@ -90,8 +90,8 @@ def input_embedding_fwd_kernel(
         tok = tok.to(tl.float32)
         pos = pos.to(tl.float32)
     if HAS_TOKEN_SCALE:
-        # (Launched without FMA contraction: a product rounded, then a sum rounded, as PyTorch does
-        # it in the accumulator dtype, and as the interpreter rounds.)
+        # Launched without FMA contraction (NO_FMA in triton_ops.py): the product is rounded, then
+        # the sum, in the accumulator dtype, as PyTorch and the interpreter round them.
         tok = tok * tl.load(token_scale_ptr).to(tok.dtype)
     acc = tok + pos
     acc = tl.where(both_ok[:, None], acc, float("nan"))
