@@ -150,3 +150,22 @@ def test_a_compiled_call_records_bad_ids_for_a_later_check(module):
     assert torch.isnan(compiled(bad_ids()))  # no sync inside the graph: no error yet
     with pytest.raises(IndexError, match=TOKEN_ERROR):
         check_ids_now()
+
+
+@requires_cuda
+def test_a_captured_cuda_graph_with_the_default_check_records_bad_ids(module):
+    # The default check has no host sync, so a step captures; replays write the flag, and the next
+    # eager call (or check_ids_now) raises.
+    module.cuda()
+    ids = torch.randint(0, 10, (2, 3), device="cuda")
+    graphed = torch.cuda.make_graphed_callables(module, (ids,))  # warms up first (makes the flag)
+    graphed(ids).sum().backward()
+    check_ids_now()
+    ids.copy_(torch.tensor([[1, 2, 3], [4, 12, 5]], device="cuda"))
+    module.zero_grad(set_to_none=True)
+    out = graphed(ids)
+    out.sum().backward()  # inside the graph: no error, no sync
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1, 1]).all()
+    with pytest.raises(IndexError, match=TOKEN_ERROR):
+        check_ids_now()

@@ -57,11 +57,23 @@ class _DeviceGuard:
 
     def before_launch(self) -> None:
         """Raise for an earlier call whose error must surface now (see the module docstring)."""
-        while self.pending:
-            record = self.pending[0]
-            if not (record.wait_at_next_call or record.event is None or record.event.query()):
-                return  # its backward will check it; later records are later in the queue
-            self.check(record)
+        pending = self.pending
+        if not pending:
+            return
+        if pending[-1].wait_at_next_call:
+            # The last call was an inference call: its error must surface now. Checking it checks
+            # every earlier one too (the flag is sticky).
+            self.check(pending[-1])
+        elif len(pending) > _BACKLOG:
+            # Training calls whose backward has not come (a forward-only loop with grad enabled):
+            # check the newest that has finished, without waiting, and with it all earlier ones.
+            finished = None
+            for record in pending:
+                if record.event is not None and not record.event.query():
+                    break
+                finished = record
+            if finished is not None:
+                self.check(finished)
 
     def after_launch(self, wait_at_next_call: bool) -> _Record:
         event = None
@@ -106,6 +118,9 @@ class _DeviceGuard:
             raise IndexError(token_error(low_token or high_token, vocab_size) + _LATER)
         raise IndexError(position_error(low_position or high_position, num_positions) + _LATER)
 
+
+#: Training calls left for their backward to check before a forward checks them itself.
+_BACKLOG = 32
 
 _LATER = (" (found by the kernel, so raised after the launch: in the backward of the call, or at the next "
           "call on this device; pass check_ids='sync' to raise before the launch)")
