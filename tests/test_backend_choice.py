@@ -50,3 +50,13 @@ def test_the_module_says_which_path_ran(monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     assert "backend=none (backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not " \
            "on meta tensors)" in repr(meta)
+
+
+def test_the_module_takes_a_backend_of_its_own(monkeypatch):
+    from tokemb_fast import FusedInputEmbedding
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton" if triton_ops.INTERPRETED else "torch")
+    module = FusedInputEmbedding(10, 4, 3, backend="torch")  # wins over the environment
+    module(torch.tensor([[1, 2]]))
+    assert module.last_backend == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedInputEmbedding(10, 4, 3, backend="cuda")

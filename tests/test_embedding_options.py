@@ -198,6 +198,14 @@ def test_options_reach_the_submodules_and_repr():
     assert "vocab_size=30, context_length=8, embedding_dim=6, position=learned" in text
     assert "Embedding(30, 6, padding_idx=28, max_norm=2.0, norm_type=1.0, scale_grad_by_freq=True, sparse=True)" \
         in text
+    sparse_positions = FusedInputEmbedding(30, 8, 6, position_sparse=True)
+    assert sparse_positions.pos_emb.sparse and not sparse_positions.tok_emb.sparse
+    sparse_positions(torch.tensor([[1, 2]])).sum().backward()
+    assert sparse_positions.pos_emb.weight.grad.is_sparse and not sparse_positions.tok_emb.weight.grad.is_sparse
+    pretrained = FusedInputEmbedding.from_pretrained(torch.randn(30, 6), torch.randn(8, 6), position_sparse=True)
+    assert pretrained.pos_emb.sparse
+    with pytest.raises(ValueError, match="position options apply to a learned position table"):
+        FusedInputEmbedding(30, 8, 6, position="sinusoidal", position_sparse=True)
 
 
 @pytest.mark.parametrize("convert, dtype", [(lambda m: m.half(), torch.float16), (lambda m: m.bfloat16(), torch.bfloat16),

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import _fused, backend_name, last_backend
+from .functional import BACKENDS, _fused, backend_name, last_backend
 from .options import check_mode
 from .validation import check_dropout, check_table_options, check_token_scale
 
@@ -70,11 +70,11 @@ class FusedInputEmbedding(nn.Module):
         context_length: rows of the position table (the longest T + past_length).
         embedding_dim: D.
         padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: ``nn.Embedding``'s options
-            for the token table, with the same meaning.
+            for the token table, with the same meaning; ``position_*``: the same for the position table.
         position: 'learned' (an ``nn.Embedding``) or 'sinusoidal' (the fixed sin/cos table of the
             original Transformer, a non-trainable buffer).
-        position_padding_idx, position_max_norm, position_norm_type, position_scale_grad_by_freq:
-            the same options for a learned position table.
+        position_padding_idx, position_max_norm, position_norm_type, position_scale_grad_by_freq,
+        position_sparse: the same options for a learned position table.
         dropout: probability of the dropout applied to the sum (GPT-2's embedding dropout), fused
             into the kernel; it follows ``train()`` / ``eval()`` like ``nn.Dropout``.
         check_ids: True (default): an id or position outside its table raises IndexError, found
@@ -83,6 +83,8 @@ class FusedInputEmbedding(nn.Module):
             not checked (the row is NaN). See the README.
         token_scale: the token rows are multiplied by it before the sum (e.g. sqrt(D), as BioGPT
             does); fused, gradient included.
+        backend: "auto", "triton" or "torch" for every call; None (default): TOKEMB_FAST_BACKEND,
+            else "auto" (Triton for CUDA tensors, plain PyTorch otherwise).
         device, dtype: factory kwargs for both tables.
 
     Submodules ``tok_emb`` and ``pos_emb`` are ``nn.Embedding`` s (state_dict keys
@@ -95,7 +97,8 @@ class FusedInputEmbedding(nn.Module):
                  scale_grad_by_freq: bool = False, sparse: bool = False, position: str = "learned",
                  position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
                  position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
-                 dropout: float = 0.0, check_ids=True, token_scale: float = 1.0, device=None, dtype=None):
+                 position_sparse: bool = False, dropout: float = 0.0, check_ids=True, token_scale: float = 1.0,
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         if position not in POSITION_KINDS:
             raise ValueError(f"position must be one of {POSITION_KINDS}, got {position!r}")
@@ -104,21 +107,29 @@ class FusedInputEmbedding(nn.Module):
                                     norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse,
                                     device=device, dtype=dtype)
         if position == "sinusoidal":
-            if (position_padding_idx, position_max_norm, position_scale_grad_by_freq) != (None, None, False):
+            if (position_padding_idx, position_max_norm, position_scale_grad_by_freq, position_sparse) != \
+                    (None, None, False, False):
                 raise ValueError("position options apply to a learned position table, not position='sinusoidal'")
             self.pos_emb = SinusoidalPositionEmbedding(context_length, embedding_dim, device=device, dtype=dtype)
         else:
             check_table_options("position", context_length, position_padding_idx, position_max_norm, position_norm_type)
             self.pos_emb = nn.Embedding(context_length, embedding_dim, padding_idx=position_padding_idx,
                                         max_norm=position_max_norm, norm_type=position_norm_type,
-                                        scale_grad_by_freq=position_scale_grad_by_freq, device=device, dtype=dtype)
+                                        scale_grad_by_freq=position_scale_grad_by_freq, sparse=position_sparse,
+                                        device=device, dtype=dtype)
+        self._set_call_options(dropout, check_ids, token_scale, backend)
+
+    def _set_call_options(self, dropout, check_ids, token_scale, backend) -> None:
         self.drop = _as_dropout(dropout)
         self.check_ids = check_mode(check_ids)
         self.token_scale = check_token_scale(token_scale)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None (TOKEMB_FAST_BACKEND decides), got {backend!r}")
+        self.backend = backend
 
     @classmethod
     def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Module, *, dropout=0.0, check_ids=True,
-                        token_scale: float = 1.0) -> "FusedInputEmbedding":
+                        token_scale: float = 1.0, backend: Optional[str] = None) -> "FusedInputEmbedding":
         """Wrap two existing embeddings; weights are shared, never copied, and their options
         (padding_idx, max_norm, ...) are honoured as they are at each call. ``dropout`` is a
         probability or the model's own ``nn.Dropout`` module, whose ``p`` and train/eval mode are
@@ -134,9 +145,7 @@ class FusedInputEmbedding(nn.Module):
         nn.Module.__init__(self)
         self.tok_emb = tok_emb
         self.pos_emb = pos_emb
-        self.drop = _as_dropout(dropout)
-        self.check_ids = check_mode(check_ids)
-        self.token_scale = check_token_scale(token_scale)
+        self._set_call_options(dropout, check_ids, token_scale, backend)
         return self
 
     @classmethod
@@ -145,7 +154,8 @@ class FusedInputEmbedding(nn.Module):
                         scale_grad_by_freq: bool = False, sparse: bool = False,
                         position_padding_idx: Optional[int] = None, position_max_norm: Optional[float] = None,
                         position_norm_type: float = 2.0, position_scale_grad_by_freq: bool = False,
-                        dropout: float = 0.0, check_ids=True, token_scale: float = 1.0) -> "FusedInputEmbedding":
+                        position_sparse: bool = False, dropout: float = 0.0, check_ids=True, token_scale: float = 1.0,
+                        backend: Optional[str] = None) -> "FusedInputEmbedding":
         """Like ``nn.Embedding.from_pretrained`` for both tables (freeze=True: no gradients)."""
         for name, weight in (("token_weight", token_weight), ("position_weight", position_weight)):
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -158,8 +168,9 @@ class FusedInputEmbedding(nn.Module):
                                                scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
         pos_emb = nn.Embedding.from_pretrained(position_weight, freeze=freeze, padding_idx=position_padding_idx,
                                                max_norm=position_max_norm, norm_type=position_norm_type,
-                                               scale_grad_by_freq=position_scale_grad_by_freq)
-        return cls.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=check_ids, token_scale=token_scale)
+                                               scale_grad_by_freq=position_scale_grad_by_freq, sparse=position_sparse)
+        return cls.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=check_ids, token_scale=token_scale,
+                                   backend=backend)
 
     @property
     def vocab_size(self) -> int:
@@ -187,13 +198,16 @@ class FusedInputEmbedding(nn.Module):
         out = _fused(input_ids, tok.weight, pos.weight, position_ids, past_length,
                      (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
                       pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
-                     drop.p if drop.training else 0.0, self.check_ids, self.token_scale, None)
+                     drop.p if drop.training else 0.0, self.check_ids, self.token_scale, self.backend)
         if not torch.compiler.is_compiling():
             self.__dict__["last_backend"] = last_backend()  # (not through nn.Module.__setattr__: per call)
         return out
 
     #: The path the last call took: "triton", "triton-interpreter" or "torch" (None before a call).
     last_backend = None
+    # Defaults of attributes added since 0.1, for modules pickled by it.
+    backend = None
+    token_scale = 1.0
 
     def extra_repr(self) -> str:
         position = "sinusoidal" if isinstance(self.pos_emb, SinusoidalPositionEmbedding) else "learned"
@@ -214,4 +228,4 @@ def _as_dropout(dropout) -> nn.Dropout:
         return dropout
     if isinstance(dropout, nn.Module):
         raise TypeError(f"dropout must be a probability or an nn.Dropout, got {type(dropout).__name__}")
-    return nn.Dropout(check_dropout(dropout))
+    return nn.Dropout(check_dropout(dropout, "dropout"))

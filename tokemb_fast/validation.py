@@ -87,7 +87,7 @@ def check_inputs(
         if position_ids.dim() == 2 and shape[0] == 1:
             position_ids = position_ids[0] if input_ids.dim() == 1 else position_ids
         allowed = [(seq_len,), (1, seq_len)]
-        if input_ids.dim() == 2:
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
             allowed.append(tuple(input_ids.shape))
         # Element by element rather than `shape not in allowed`: under torch.compile with automatic
         # dynamic shapes, Dynamo answered that containment test wrongly for tuples of symbolic
@@ -149,12 +149,12 @@ def check_table_options(table: str, num_rows: int, padding_idx, max_norm, norm_t
     return padding_idx
 
 
-def check_dropout(dropout_p) -> float:
-    """Dropout probability as a float in [0, 1]."""
+def check_dropout(dropout_p, name: str = "dropout_p") -> float:
+    """Dropout probability as a float in [0, 1] (name: the argument's, for the message)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a number in [0, 1], got {type(dropout_p).__name__}")
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+        raise ValueError(f"{name} must be in [0, 1], got {dropout_p}")
     return float(dropout_p)
 
 
