@@ -70,6 +70,11 @@ def test_supported_families_are_listed_for_users():
         assert family.description and family.fused
 
 
+def test_not_a_module_is_a_type_error():
+    with pytest.raises(TypeError, match="swap_input_embeddings takes an nn.Module"):
+        swap_input_embeddings("gpt2")
+
+
 def test_unknown_model_lists_every_family_and_why_not():
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(TypeError) as raised:

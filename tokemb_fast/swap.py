@@ -611,13 +611,16 @@ def swap_input_embeddings(model: nn.Module, *, check_ids=True, verify: bool = Tr
     """Fuse ``model``'s input embedding (and, where the family allows, its embedding dropout) in
     place; return ``model``.
 
-    Idempotent. Raises ``TypeError`` listing the supported families (``supported_families()``)
+    Idempotent. After a swap, ``model.tokemb_fast_family`` names the family it was swapped as.
+    Raises ``TypeError`` listing the supported families (``supported_families()``)
     and why the model is none of them. ``verify`` runs a probe forward (eval mode, no grad)
     before and after the swap. Whatever goes wrong while swapping or verifying (an exception,
     different outputs), the model is put back exactly as it was (forward, modules, Parameters,
     hooks, attributes) and a ``RuntimeError`` naming the family and the cause is raised.
     ``check_ids`` is the fused calls' id check (see ``fused_input_embedding``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_input_embeddings takes an nn.Module (a GPT model), got {type(model).__name__}")
     check_mode(check_ids)
     if model.__dict__.get(_MARK, False):
         return model
