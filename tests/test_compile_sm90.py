@@ -156,8 +156,16 @@ def test_host_overhead_script_times_the_gpu_path():
     # bench/host_overhead.py: the GPU path's host time per call, under the same stand-in driver.
     result = _run_compiled(os.path.join("bench", "host_overhead.py"), "--calls", "20")
     assert result.returncode == 0, result.stderr[-4000:]
-    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
-    assert float(lines["forward"].split()[1]) > 0 and "without the CPU sort" in lines["forward+backward"]
+    # Rows are "  <label>  <number> us ...": the label is everything before the number.
+    rows = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("  ") and " us" in line:
+            label, number = line.split(" us")[0].rsplit(None, 1)
+            rows[label.strip()] = float(number)
+    for name in ("forward", "inference", "forward+backward", "eager forward", "eager fwd+bwd"):
+        assert rows.get(name, 0) > 0, result.stdout
+    ratios = [line for line in result.stdout.splitlines() if line.startswith(("forward / ", "forward+backward / "))]
+    assert len(ratios) == 2 and all(float(line.split(": ")[1]) > 0 for line in ratios), result.stdout
 
 
 def test_planned_launches_run_the_binaries_triton_would(tmp_path):
