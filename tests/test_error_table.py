@@ -66,13 +66,15 @@ CASES = {
         (lambda: call(ZERO, position_ids=ids(0, 6, 1)), IndexError, "position id 6 is out of range for a position "
                                                                     "table of 6 rows"),
     ],
-    "tables of different dtypes, devices or embedding dims; ids on another device; a table not 2-D": [
+    "tables of different dtypes, devices or embedding dims; ids on another device; a table not 2-D; "
+    "`past_length < 0`": [
         (lambda: call(ZERO, None, tables(dtype=torch.float64)[1]), ValueError,
          "token_weight is torch.float32 but position_weight is torch.float64"),
         (lambda: call(ZERO, None, tables(dim=5)[1]), ValueError, "embedding_dim 4 but position_weight has 5"),
         (lambda: call(ZERO, None, torch.empty(6, 4, device="meta")), ValueError, "position_weight is on meta"),
         (lambda: call(ZERO.to("meta")), ValueError, "input_ids is on meta but the embedding tables are on"),
         (lambda: call(ZERO, torch.randn(10, device=TRITON_DEVICE)), ValueError, r"token_weight must be 2-D"),
+        (lambda: call(ZERO, past_length=-1), ValueError, "past_length must be >= 0, got -1"),
     ],
     "a device the chosen path cannot run on (e.g. `meta` with `backend=\"triton\"`); an unknown backend": [
         (lambda: fused_input_embedding(ZERO.to("meta"), *tables(device="meta"), backend="triton"), ValueError,
