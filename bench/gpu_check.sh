@@ -2,6 +2,8 @@
 # One device-time-budgeted check on a lent GPU machine (H100/H200), in a few minutes.
 #   bash bench/gpu_check.sh                 # every step below, in this order
 #   bash bench/gpu_check.sh tests bench-124M  # only the steps named
+#   bash bench/gpu_check.sh first             # then `second`: the limits below sum to 730 s, over
+#                                             # one device call's 600, so a session runs two calls
 # Steps (each with its own time limit; the seconds are that limit):
 #   tests       (170) the test suite on CUDA: real compiled kernels, Inductor compile tests,
 #                     CUDA-graph capture, 64-bit offsets; the slowest tests listed
@@ -25,7 +27,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tokemb-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-steps=("$@")
+steps=()
+for arg in "$@"; do
+  case $arg in
+    first) steps+=(tests profile bench-124M bench-big bench-skew) ;;  # 440 s of limits: what #11 and #12 read first
+    second) steps+=(example bench-rest bench-suite) ;;               # 290 s
+    *) steps+=("$arg") ;;
+  esac
+done
 [ ${#steps[@]} -gt 0 ] || steps=(tests example profile bench-124M bench-big bench-skew bench-rest bench-suite)
 
 for step in "${steps[@]}"; do

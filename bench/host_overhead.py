@@ -19,15 +19,18 @@ parsing, one pointer query per tensor, cuLaunchKernelEx), the id check runs its 
 event call charged ``--event-us``), and the backward's ``torch.sort``, which computes on a CPU but
 only launches on a GPU, is a stand-in that allocates its two outputs and spends ``--sort-us`` (15
 us: PyTorch's CUDA sort allocates scratch and launches a few cub kernels). These three figures are
-estimates, not measurements; the rest of the host work is real. One CPU-only cost remains in:
-allocating the V x D gradient table (about 13 us here for gpt2-124M's; the CUDA caching allocator
-reuses blocks).
+estimates, not measurements; the rest of the host work is real. Freed memory is kept by malloc
+(mallopt, glibc only) as the CUDA caching allocator keeps it: otherwise each backward would map and
+unmap its V x D gradient table, about 60 us a GPU host does not spend.
+
+    python bench/host_overhead.py --profile 2000   # where the host time goes (cProfile)
 
     python bench/host_overhead.py [--calls 1000] [--shape gpt2-124M] [--dtype fp32]
 
 The last two lines are the ratios the project sets targets for (at most 2.0 each).
 """
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -39,6 +42,19 @@ from compile_report import CompileOnlyDriver  # noqa: E402  (exits if TRITON_INT
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.runtime import driver  # noqa: E402
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed blocks, as PyTorch's CUDA caching allocator does, instead of
+    returning large ones to the kernel (mmap and munmap per V x D gradient table: ~60 us a backward
+    here that a GPU host does not pay). False where malloc is not glibc's."""
+    try:
+        libc = ctypes.CDLL(None)
+        # mallopt(M_MMAP_THRESHOLD, 1 GiB), (M_TRIM_THRESHOLD, 2 GiB - 1), (M_TOP_PAD, 512 MiB): C ints
+        settings = ((-3, 1 << 30), (-1, (1 << 31) - 1), (-2, 512 << 20))
+        return all(libc.mallopt(option, value) == 1 for option, value in settings)
+    except (OSError, AttributeError):
+        return False
 
 
 def spin(microseconds: float) -> None:
@@ -109,7 +125,10 @@ def main(argv=None) -> int:
                         help="time per CUDA event call of the id check (default 1)")
     parser.add_argument("--sort-us", type=float, default=15.0,
                         help="host time of the backward's device sort (default 15)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="instead of timing, cProfile N forward and N forward+backward calls; print the top functions")
     args = parser.parse_args(argv)
+    cached_allocator = keep_freed_memory()
 
     fake = CompileOnlyDriver()
     launcher_cls = fake.launcher_cls
@@ -145,8 +164,11 @@ def main(argv=None) -> int:
         with torch.no_grad():
             module(ids)
 
+    parameters = list(module.parameters())
+
     def forward_backward():
-        module.zero_grad(set_to_none=True)
+        for parameter in parameters:  # as the eager comparator does (Module.zero_grad walks the tree: ~10 us)
+            parameter.grad = None
         module(ids).backward(grad_out)
 
     tiny_ids = torch.randint(0, 50, (4, 8))
@@ -161,6 +183,19 @@ def main(argv=None) -> int:
             weight.grad = None
         eager_forward().backward(tiny_grad)
 
+    if args.profile:
+        import cProfile
+        import pstats
+
+        for name, step in (("forward", forward), ("forward+backward", forward_backward)):
+            for _ in range(20):
+                step()  # compile, plan and warm up outside the profile
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [step() for _ in range(args.profile)])
+            print(f"=== {name}, {args.profile} calls")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return 0
+
     # Interleaved rounds, the minimum of each: the other core's load moves all of them alike.
     results = {name: [] for name in ("forward", "inference", "both", "eager", "eager_both")}
     for _ in range(3):
@@ -172,7 +207,8 @@ def main(argv=None) -> int:
     best = {name: min(values) for name, values in results.items()}
     launches = len(fake.launches)
     print(f"{args.shape} {args.dtype}, torch {torch.__version__}, {os.cpu_count()} CPUs: host time per call "
-          f"(stand-ins: launcher +{args.launcher_us:g} us, event calls {args.event_us:g} us, sort {args.sort_us:g} us)")
+          f"(stand-ins: launcher +{args.launcher_us:g} us, event calls {args.event_us:g} us, sort {args.sort_us:g} us, "
+          f"freed memory {'kept' if cached_allocator else 'returned: not glibc'})")
     print(f"  forward           {best['forward']:8.1f} us (training: an autograd node; default check_ids)")
     print(f"  inference         {best['inference']:8.1f} us (torch.no_grad)")
     print(f"  forward+backward  {best['both']:8.1f} us")
