@@ -40,13 +40,16 @@ def apply_dropout_mask_kernel(
     out_ptr,                     # [B*T, D], contiguous: grad * keep * scale
     grad_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
     n_rows, seq_len, dim,
+    mask_seq_len, mask_seq_offset,  # the mask of step t is that of step mask_seq_offset + t in a mask_seq_len sequence
     dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ALIGNED4: tl.constexpr,
 ):
-    """The masked upstream gradient, for the sparse gradient path (whose values are B*T*D rows
-    anyway); the dense path applies the mask inside the reduction kernels instead."""
+    """grad times the mask and scale: the masked upstream gradient for the sparse gradient path
+    (whose values are B*T*D rows anyway; the dense path applies the mask inside the reduction
+    kernels instead), and tensor parallelism's dropout after the reduction, where a rank holds
+    steps mask_seq_offset .. of each sequence (sequence parallel) and must draw their mask."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_start = tl.program_id(1).to(tl.int64) * BLOCK_D
     cols = col_start + tl.arange(0, BLOCK_D)
@@ -57,6 +60,7 @@ def apply_dropout_mask_kernel(
     grad = tl.load(src, mask=mask, other=0.0)
     if grad.dtype != tl.float64:
         grad = grad.to(tl.float32)
-    keep = dropout_keep(dropout_seed_ptr, rows, col_start, dim, dropout_threshold, BLOCK_D, ALIGNED4)
+    keep = dropout_keep(dropout_seed_ptr, batch * mask_seq_len + mask_seq_offset + step, col_start, dim,
+                        dropout_threshold, BLOCK_D, ALIGNED4)
     grad = tl.where(keep, grad * tl.load(dropout_scale_ptr).to(grad.dtype), 0.0)
     tl.store(out_ptr + rows[:, None] * dim + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)

@@ -19,6 +19,7 @@ def input_embedding_fwd_kernel(
     token_weight_ptr, stride_token_row,
     position_weight_ptr, stride_position_row,
     n_rows, seq_len, dim, vocab_size, num_positions, past_length,
+    token_row_offset, token_rows,  # unused unless TOKEN_SHARD: the table holds rows [offset, offset + rows)
     dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,   # unused unless HAS_DROPOUT
     id_flag_ptr,                 # int64 [6], unused unless CHECK_IDS (layout: tokemb_fast/id_check.py)
     token_scale_ptr,             # fp64 [1], unused unless HAS_TOKEN_SCALE: out = scale * tok + pos
@@ -26,6 +27,8 @@ def input_embedding_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     CHECK_IDS: tl.constexpr,
     HAS_TOKEN_SCALE: tl.constexpr,
+    TOKEN_SHARD: tl.constexpr,   # tensor parallelism: ids of other ranks' rows contribute zero here
+    ADD_POSITIONS: tl.constexpr,  # False on all but one rank of a tensor-parallel group
     ALIGNED4: tl.constexpr,      # D % 4 == 0: one Philox evaluation per 4 columns (see dropout.py)
     ACC_FP64: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -79,9 +82,20 @@ def input_embedding_fwd_kernel(
 
     mask = row_ok[:, None] & col_ok[None, :]
     load_mask = mask & both_ok[:, None]
-    tok = tl.load(token_weight_ptr + token[:, None] * stride_token_row + cols[None, :], mask=load_mask, other=0.0)
-    pos = tl.load(position_weight_ptr + position[:, None] * stride_position_row + cols[None, :],
-                  mask=load_mask, other=0.0)
+    if TOKEN_SHARD:
+        # Ids are checked against the whole vocabulary (vocab_size) on every rank, so each rank
+        # reports the same bad id; only this rank's rows are read. The group's sum adds each
+        # token row once, from the rank that holds it.
+        token = token - token_row_offset
+        token_mask = load_mask & ((token >= 0) & (token < token_rows))[:, None]
+    else:
+        token_mask = load_mask
+    tok = tl.load(token_weight_ptr + token[:, None] * stride_token_row + cols[None, :], mask=token_mask, other=0.0)
+    if ADD_POSITIONS:
+        pos = tl.load(position_weight_ptr + position[:, None] * stride_position_row + cols[None, :],
+                      mask=load_mask, other=0.0)
+    else:
+        pos = tl.zeros_like(tok)
     # Sum in fp32 (fp64 for fp64 tables) and round once, as torch does for a half-precision add.
     if ACC_FP64:
         tok = tok.to(tl.float64)

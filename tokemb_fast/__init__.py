@@ -6,7 +6,7 @@ from .autograd import EmbeddingGradFunction, FusedInputEmbeddingFunction, dropou
 from .functional import backend_name, fused_input_embedding
 from .id_check import check_ids_now
 from .module import FusedInputEmbedding, SinusoidalPositionEmbedding, sinusoidal_table
-from .options import LookupOptions, TableOptions
+from .options import LookupOptions, TableOptions, TokenShard
 from .reference import input_embedding_reference
 from .swap import supported_families, swap_input_embeddings
 
@@ -18,6 +18,7 @@ __all__ = [
     "LookupOptions",
     "SinusoidalPositionEmbedding",
     "TableOptions",
+    "TokenShard",
     "backend_name",
     "check_ids_now",
     "dropout_seed",

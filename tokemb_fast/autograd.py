@@ -147,15 +147,21 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
             # check_ids_now() reads it. (Made by an eager call first: a compiled one cannot.)
             flag = id_check.compiled_flag(device)
     elif check == "sync" and not compiling:
-        check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
+        check_id_ranges(input_ids, token_weight.shape[0] if options.shard is None else options.shard.vocab_size,
+                        position_ids, position_weight.shape[0])
     scale = token_scale = None
     if dropout_seed is not None:
         scale = _dropout_scale(options.dropout_p, device, cache=direct)
     if options.token_scale != 1.0:
         token_scale = _constant(options.token_scale, device, cache=direct)
     launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
-    out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
-                 dropout_seed, scale, flag, token_scale)
+    shard = options.shard
+    if shard is None:
+        out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
+                     dropout_seed, scale, flag, token_scale)
+    else:
+        out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
+                     dropout_seed, scale, flag, token_scale, shard.row_offset, shard.vocab_size, shard.add_positions)
     record = guard.after_launch(wait_at_next_call) if guard is not None else None
     return (out[0] if one_dim else out), record
 
@@ -248,6 +254,10 @@ class _FusedInputEmbedding(torch.autograd.Function):
             return None, None, None, None, None, None
         rows = (ctx.table_shapes[0][0], ctx.table_shapes[1][0])
         if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or _in_transform()):
+            if ctx.options.shard is not None:
+                raise NotImplementedError(
+                    "double backward (create_graph=True) and torch.func transforms of the tensor-parallel embedding "
+                    "are not supported: its derivatives would need the group's collectives")
             # create_graph=True or a torch.func transform: the gradients must be differentiable.
             grad_token, grad_position = differentiable_table_grads(grad_out, input_ids, position_ids, dropout_seed,
                                                                    ctx.options, rows, needs)
@@ -377,7 +387,7 @@ def _plain(options: LookupOptions) -> LookupOptions:
     """The same lookup (positions, dropout, token scale) with no gradient rules and no id check:
     for the derivatives, whose ids were checked by the call they derive from."""
     return LookupOptions(past_length=options.past_length, dropout_p=options.dropout_p, check_ids=False,
-                         token_scale=options.token_scale)
+                         token_scale=options.token_scale, shard=options.shard)
 
 
 def _zeros_table(num_rows, dim, dtype, device):
@@ -432,7 +442,12 @@ def table_grads(grad_out, input_ids, position_ids, dropout_seed, options: Lookup
     if needs[0]:
         token_scale = None if options.token_scale == 1.0 else \
             _constant(options.token_scale, grad_out.device, cache=direct)
-        grad_token = _table_grad(grad_out, input_ids, table_rows[0], 0, 1, options.token, dropout, direct,
+        keys = input_ids
+        if options.shard is not None and options.shard.row_offset != 0:
+            # Rows of this shard: the other ranks' ids fall outside 0 .. rows - 1, where no row's
+            # segment of the sorted keys looks (the row kernels skip them).
+            keys = input_ids - options.shard.row_offset
+        grad_token = _table_grad(grad_out, keys, table_rows[0], 0, 1, options.token, dropout, direct,
                                  token_scale)
     if needs[1]:
         # The position ids nn.Embedding would have looked up: [T] (shared by the batch) or [B, T].
@@ -477,6 +492,37 @@ def differentiable_table_grads(grad_out, input_ids, position_ids, dropout_seed, 
         sparse = _aten_table_grads(grad_out, input_ids, position_ids, dropout_seed, options, table_rows, sparse_needs)
         grads = [grad if grad is not None else other for grad, other in zip(sparse, grads)]
     return tuple(grads)
+
+
+class _DropoutAfterReduction(torch.autograd.Function):
+    """x times the fused op's dropout mask and scale for (seed, element index): tensor
+    parallelism's dropout of the reduced output. Linear in x, so the backward is the same op."""
+
+    @staticmethod
+    def forward(x, dropout_p, seed, mask_seq_len, mask_seq_offset):
+        return _masked(x, dropout_p, seed, mask_seq_len, mask_seq_offset)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _x, ctx.dropout_p, seed, ctx.mask_seq_len, ctx.mask_seq_offset = inputs
+        ctx.save_for_backward(seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        return _masked(grad, ctx.dropout_p, seed, ctx.mask_seq_len, ctx.mask_seq_offset), None, None, None, None
+
+
+def _masked(x, dropout_p, seed, mask_seq_len, mask_seq_offset):
+    three_d = x if x.dim() == 3 else x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x.reshape(1, -1, x.shape[-1])
+    scale = _dropout_scale(dropout_p, x.device, cache=_direct(x))
+    return _ops().dropout_masked_grad(three_d, dropout_p, seed, scale, mask_seq_len, mask_seq_offset).reshape(x.shape)
+
+
+def dropout_after_reduction(x, dropout_p: float, seed, mask_seq_len: int, mask_seq_offset: int):
+    """``x`` [B, T, D] (or [T, D]) holding steps mask_seq_offset .. of mask_seq_len-step sequences,
+    times the mask the fused forward would draw there with ``seed``, and 1/(1-p)."""
+    return _DropoutAfterReduction.apply(x, dropout_p, seed, mask_seq_len, mask_seq_offset)
 
 
 # --- PyTorch's own ops: sparse gradients under create_graph, and tensors the kernels cannot read

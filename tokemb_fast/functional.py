@@ -94,6 +94,13 @@ class _Prepared(NamedTuple):
 
 _prepared = {}
 _MAX_PREPARED = 4096
+_PLAIN_TABLES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _any_dtensor(*tensors) -> bool:
+    # (torch.distributed.tensor is imported by whoever made a DTensor; not here, for import time.)
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and any(isinstance(tensor, dtensor_module.DTensor) for tensor in tensors)
 # The path the last call on this thread took (FusedInputEmbedding.last_backend reads it).
 _last = threading.local()
 
@@ -149,6 +156,9 @@ def fused_input_embedding(
         backend: 'auto' (Triton for CUDA tensors, PyTorch otherwise), 'triton' or 'torch';
             default from TOKEMB_FAST_BACKEND, else 'auto'.
 
+    A token table that is a DTensor sharded on rows (``tokemb_fast.parallel``) makes this the
+    vocabulary-parallel op: the result is a replicated DTensor.
+
     Returns:
         [T, D] or [B, T, D] in the tables' dtype.
     """
@@ -159,9 +169,16 @@ def fused_input_embedding(
 
 
 def _fused(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
-           token_scale, backend):
+           token_scale, backend, output_layout=None, shard=None):
     """fused_input_embedding with nn.Embedding's ten options as one tuple, in the order of its
-    signature (token table, then position table): the module's call."""
+    signature (token table, then position table): the module's call. DTensor tables go to
+    tokemb_fast.parallel (output_layout: the layout its style left, or None), which calls this
+    again on the local shards with ``shard`` (a TokenShard)."""
+    if (type(token_weight) not in _PLAIN_TABLES or type(position_weight) not in _PLAIN_TABLES) and \
+            _any_dtensor(token_weight, position_weight):
+        from .parallel import vocab_parallel_lookup
+        return vocab_parallel_lookup(input_ids, token_weight, position_weight, position_ids, past_length,
+                                     table_options, dropout_p, check_ids, token_scale, backend, output_layout)
     compiling = torch.compiler.is_compiling()
     prepared = key = None
     if not compiling:
@@ -172,13 +189,13 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
                    None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
                    # Types too: True == 1 and hashes alike, but only one of them is a valid past_length.
                    past_length, type(past_length), table_options, tuple(map(type, table_options)), dropout_p,
-                   type(dropout_p), check_ids, type(check_ids), token_scale, type(token_scale))
+                   type(dropout_p), check_ids, type(check_ids), token_scale, type(token_scale), shard)
             prepared = _prepared.get(key)
         except (AttributeError, TypeError):  # not tensors, or unhashable options: the checks say what
             key = None
     if prepared is None:
         prepared = _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
-                            dropout_p, check_ids, token_scale, backend)
+                            dropout_p, check_ids, token_scale, backend, shard)
         if key is not None:
             if len(_prepared) >= _MAX_PREPARED:
                 _prepared.clear()
@@ -188,7 +205,8 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
 
     if not prepared.use_triton:
         if check_ids and not prepared.check_on_error:
-            check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
+            check_id_ranges(input_ids, token_weight.shape[0] if shard is None else shard.vocab_size, position_ids,
+                            position_weight.shape[0])
         try:
             out = _plain_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared,
                              table_options)
@@ -226,7 +244,7 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
 
 
 def _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
-             token_scale, backend) -> _Prepared:
+             token_scale, backend, shard=None) -> _Prepared:
     """Every check that does not read tensor values; raises a clear exception or returns what
     the call needs. A rejected call has changed nothing (max_norm has not run)."""
     (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, position_padding_idx, position_max_norm,
@@ -244,12 +262,13 @@ def _prepare(input_ids, token_weight, position_weight, position_ids, past_length
     options = LookupOptions(
         token=TableOptions(padding_idx, bool(scale_grad_by_freq), bool(sparse)),
         position=TableOptions(position_padding_idx, bool(position_scale_grad_by_freq), bool(position_sparse)),
-        past_length=past_length, dropout_p=dropout_p, check_ids=check_ids, token_scale=token_scale)
+        past_length=past_length, dropout_p=dropout_p, check_ids=check_ids, token_scale=token_scale, shard=shard)
     renorm = max_norm is not None or position_max_norm is not None
     # On the CPU, F.embedding bounds-checks every id itself, so the range check (a reduction per
     # call, about as costly as the lookup at small sizes) can wait for its IndexError, unless
     # max_norm would renormalise a table before the lookup fails.
-    check_on_error = bool(check_ids) and not use_triton and token_weight.device.type == "cpu" and not renorm
+    check_on_error = bool(check_ids) and not use_triton and token_weight.device.type == "cpu" and not renorm and \
+        shard is None
     backend = "torch" if not use_triton else "triton-interpreter" if token_weight.device.type == "cpu" else "triton"
     return _Prepared(use_triton, backend, options, renorm, check_on_error)
 
@@ -276,6 +295,9 @@ def _plain_sum(input_ids, token_weight, position_weight, position_ids, past_leng
     padding_idx, position_padding_idx = prepared.options.token.padding_idx, prepared.options.position.padding_idx
     if position_ids is not None and input_ids.dim() == 1 and position_ids.dim() == 2:
         position_ids = position_ids[0]
+    if prepared.options.shard is not None:
+        return _plain_shard_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared.options,
+                                table_options)
     if prepared.renorm or input_ids.numel() == 0 or torch.compiler.is_compiling() or _in_transform():
         return input_embedding_reference(
             input_ids, token_weight, position_weight, position_ids, past_length,
@@ -290,6 +312,30 @@ def _plain_sum(input_ids, token_weight, position_weight, position_ids, past_leng
                             position_scale_grad_by_freq, position_sparse)
     token_scale = prepared.options.token_scale
     return (tokens if token_scale == 1.0 else tokens * token_scale) + positions
+
+
+def _plain_shard_sum(input_ids, token_weight, position_weight, position_ids, past_length, options, table_options):
+    """One rank's part of the vocabulary-parallel sum (options.shard), in plain PyTorch: the token
+    rows of this shard's ids, zero elsewhere, plus the position rows on the rank that adds them."""
+    shard = options.shard
+    local_ids = input_ids - shard.row_offset
+    selected = ((local_ids >= 0) & (local_ids < token_weight.shape[0])).nonzero(as_tuple=True)
+    # Looked up by the selected ids alone, so that scale_grad_by_freq counts what nn.Embedding
+    # counts (each id lives in one shard) and no other rank's id touches this shard's rows.
+    rows = F.embedding(local_ids[selected], token_weight, options.token.padding_idx, None, 2.0,
+                       options.token.scale_grad_by_freq)
+    if options.token_scale != 1.0:
+        rows = rows * options.token_scale
+    tokens = token_weight.new_zeros((*input_ids.shape, token_weight.shape[1])).index_put(selected, rows)
+    if position_ids is None:
+        position_ids = _default_positions(input_ids.shape[-1], past_length, input_ids.device)
+    positions = F.embedding(position_ids, position_weight, options.position.padding_idx, None, 2.0,
+                            options.position.scale_grad_by_freq, options.position.sparse)
+    if not shard.add_positions:
+        # Zero, with the true gradient: the position table is replicated, so every rank's copy
+        # must get the whole gradient, not only the rank whose sum holds the rows.
+        positions = positions - positions.detach()
+    return tokens + positions
 
 
 def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:

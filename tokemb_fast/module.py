@@ -198,7 +198,8 @@ class FusedInputEmbedding(nn.Module):
         out = _fused(input_ids, tok.weight, pos.weight, position_ids, past_length,
                      (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
                       pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
-                     drop.p if drop.training else 0.0, self.check_ids, self.token_scale, self.backend)
+                     drop.p if drop.training else 0.0, self.check_ids, self.token_scale, self.backend,
+                     tok.__dict__.get("tokemb_fast_tensor_parallel"))  # (tokemb_fast.parallel's layout)
         if not torch.compiler.is_compiling():
             self.__dict__["last_backend"] = last_backend()  # (not through nn.Module.__setattr__: per call)
         return out

@@ -25,6 +25,19 @@ class TableOptions(NamedTuple):
     sparse: bool = False
 
 
+class TokenShard(NamedTuple):
+    """The token table is one rank's rows of a vocabulary split across a tensor-parallel group
+    (``tokemb_fast.parallel``): ids outside ``[row_offset, row_offset + rows)`` contribute zero
+    here, and the sum over the group is the op on the whole table."""
+
+    #: Global id of this shard's first row.
+    row_offset: int
+    #: The whole vocabulary's size: what ids are checked against.
+    vocab_size: int
+    #: Whether this rank adds the position rows (one rank of the group does, so the sum has them once).
+    add_positions: bool
+
+
 class LookupOptions(NamedTuple):
     """Everything about a call of the op that is not a tensor."""
 
@@ -39,6 +52,9 @@ class LookupOptions(NamedTuple):
     check_ids: Union[bool, str] = True
     #: The token rows are multiplied by this before the sum (BioGPT's sqrt(D)); 1.0 is off.
     token_scale: float = 1.0
+    #: A ``TokenShard`` when the token table is one rank's shard of the vocabulary; None: all of it.
+    #: ``token.padding_idx`` is then a row of the shard (None when the padding row is elsewhere).
+    shard: Optional[TokenShard] = None
 
 
 def check_mode(check_ids) -> Union[bool, str]:

@@ -468,7 +468,10 @@ def _hf_token_forward(module, state, input):
     if armed is not None and not state.waiting and module is state.token and input.numel() == armed.numel() \
             and input.shape[-1] == armed.shape[-1]:
         state.input_ids, state.waiting = input, True
-        return module.weight.new_zeros(()).expand(*input.shape, module.embedding_dim)
+        weight = module.weight
+        if type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "to_local"):
+            weight = weight.to_local()  # sharded by tokemb_fast.parallel, whose output is a local tensor
+        return weight.new_zeros(()).expand(*input.shape, module.embedding_dim)
     return type(module).forward(module, input)
 
 

@@ -170,7 +170,8 @@ class _Layout(NamedTuple):
     constexprs: dict
 
 
-def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check, has_token_scale) -> _Layout:
+def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check, has_token_scale, token_shard,
+                    add_positions) -> _Layout:
     block_d = _block_d(dim, 1024)
     kernel, fixed_config = _forward_launch(n_rows * dim)
 
@@ -179,12 +180,12 @@ def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check, ha
 
     return _Layout(kernel, grid(fixed_config) if fixed_config else grid, dict(
         HAS_POSITION_IDS=has_position_ids, HAS_DROPOUT=has_dropout, CHECK_IDS=check, HAS_TOKEN_SCALE=has_token_scale,
-        ALIGNED4=_aligned4(dim, block_d), ACC_FP64=dtype == torch.float64, BLOCK_D=block_d, **fixed_config,
+        TOKEN_SHARD=token_shard, ADD_POSITIONS=add_positions, ALIGNED4=_aligned4(dim, block_d), ACC_FP64=dtype == torch.float64, BLOCK_D=block_d, **fixed_config,
         **NO_FMA))
 
 
 def _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
-                  dropout_scale, id_flag, token_scale):
+                  dropout_scale, id_flag, token_scale, token_row_offset, vocab_size):
     # The kernel never reads position_ids when there are none, nor the seed or flag when off;
     # any pointer will do (the ids: their dtype and alignment are in every key already).
     pos_ids = input_ids if position_ids is None else position_ids
@@ -194,8 +195,8 @@ def _forward_args(out, input_ids, token_weight, position_weight, position_ids, p
             pos_ids, _batch_stride(pos_ids), pos_ids.stride(1),
             token_weight, token_weight.stride(0),
             position_weight, position_weight.stride(0),
-            batch * seq_len, seq_len, token_weight.shape[1], token_weight.shape[0], position_weight.shape[0],
-            past_length, *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
+            batch * seq_len, seq_len, token_weight.shape[1], token_weight.shape[0] if vocab_size < 0 else vocab_size,
+            position_weight.shape[0], past_length, token_row_offset, token_weight.shape[0], *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
             input_ids if id_flag is None else id_flag, input_ids if token_scale is None else token_scale)
 
 
@@ -203,14 +204,14 @@ _forward_plans = PlanCache()
 
 
 def _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
-                     dropout_scale, id_flag, token_scale):
+                     dropout_scale, id_flag, token_scale, token_row_offset=0, vocab_size=-1, add_positions=True):
     batch, seq_len = input_ids.shape
     dim = token_weight.shape[1]
     out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
     if batch * seq_len == 0 or dim == 0:
         return out
     args = _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
-                         dropout_seed, dropout_scale, id_flag, token_scale)
+                         dropout_seed, dropout_scale, id_flag, token_scale, token_row_offset, vocab_size)
     device, stream = current_stream()
     # Everything Triton specialises on, given that the tables' columns have unit stride and
     # out, the seed, the scale and the flag are fresh (aligned) allocations.
@@ -219,13 +220,15 @@ def _forward_planned(input_ids, token_weight, position_weight, position_ids, pas
            (position_ids.shape, position_ids.stride(), position_ids.dtype, aligned(position_ids)),
            token_weight.shape, token_weight.stride(0), token_weight.dtype, aligned(token_weight),
            position_weight.shape, position_weight.stride(0), aligned(position_weight),
-           int_class(past_length), None if dropout_seed is None else dropout_p, id_flag is None, token_scale is None)
+           int_class(past_length), None if dropout_seed is None else dropout_p, id_flag is None, token_scale is None,
+           None if vocab_size < 0 else (int_class(token_row_offset), int_class(vocab_size), add_positions))
     plan = _forward_plans.get(key)
     if plan is not None and not hooks_installed():
         plan(stream, args)
         return out
     layout = _forward_layout(batch * seq_len, dim, token_weight.dtype, position_ids is not None,
-                             dropout_seed is not None, id_flag is not None, token_scale is not None)
+                             dropout_seed is not None, id_flag is not None, token_scale is not None, vocab_size >= 0,
+                             add_positions)
     plan = layout.kernel.launch(layout.grid, args, layout.constexprs)
     if plan is not None:
         _forward_plans.add(key, plan)
@@ -244,6 +247,9 @@ def input_embedding_forward(
     dropout_scale: Optional[torch.Tensor],
     id_flag: Optional[torch.Tensor],
     token_scale: Optional[torch.Tensor],
+    token_row_offset: int = 0,
+    vocab_size: int = -1,
+    add_positions: bool = True,
 ) -> torch.Tensor:
     """[B, T] ids -> [B, T, D] = dropout(s * token_weight[ids] + position_weight[positions]).
 
@@ -252,20 +258,27 @@ def input_embedding_forward(
     [ID_FLAG_SIZE], see tokemb_fast.id_check), ids and positions outside their tables are
     recorded there; their output rows are NaN either way. s is token_scale (fp64 [1]), or 1 when
     None. The tables' columns must have unit stride.
+
+    Tensor parallelism (vocab_size >= 0): token_weight holds rows token_row_offset ..
+    token_row_offset + rows - 1 of a vocab_size vocabulary; ids are checked against vocab_size and
+    other ids' token rows are zero. add_positions=False leaves the position rows out.
     """
     if not _tracing():
         return _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
-                                dropout_seed, dropout_scale, id_flag, token_scale)
+                                dropout_seed, dropout_scale, id_flag, token_scale, token_row_offset, vocab_size,
+                                add_positions)
     batch, seq_len = input_ids.shape
     dim = token_weight.shape[1]
     out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
     if batch * seq_len == 0 or dim == 0:
         return out
     layout = _forward_layout(batch * seq_len, dim, token_weight.dtype, position_ids is not None,
-                             dropout_seed is not None, id_flag is not None, token_scale is not None)
+                             dropout_seed is not None, id_flag is not None, token_scale is not None, vocab_size >= 0,
+                             add_positions)
     _traced_launch(layout.kernel, layout.grid, _forward_args(out, input_ids, token_weight, position_weight,
                                                              position_ids, past_length, dropout_p, dropout_seed,
-                                                             dropout_scale, id_flag, token_scale), layout.constexprs)
+                                                             dropout_scale, id_flag, token_scale, token_row_offset,
+                                                             vocab_size), layout.constexprs)
     return out
 
 
@@ -425,7 +438,7 @@ def _dropout_mask_layout(n_rows, dim):
             dict(BLOCK_N=block_n, BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d), num_warps=4, **NO_FMA))
 
 
-def _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale, launch):
+def _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale, launch, mask_seq_len=-1, mask_seq_offset=0):
     batch, seq_len, dim = grad_out.shape
     out = torch.empty((batch, seq_len, dim), dtype=grad_out.dtype, device=grad_out.device)
     n_rows = batch * seq_len
@@ -433,15 +446,17 @@ def _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale, launch):
         return out
     grid, constexprs = _dropout_mask_layout(n_rows, dim)
     launch(_DROPOUT_MASK, grid, (out, grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), n_rows,
-                                 seq_len, dim, *_dropout_args(dropout_p, dropout_seed, dropout_scale, grad_out)),
+                                 seq_len, dim, seq_len if mask_seq_len < 0 else mask_seq_len, mask_seq_offset,
+                                 *_dropout_args(dropout_p, dropout_seed, dropout_scale, grad_out)),
            constexprs)
     return out
 
 
-def _masked_grad_eager(grad_out, dropout_p, dropout_seed, dropout_scale):
-    # Rare (sparse gradients with dropout): Triton's ordinary launch, no plan.
+def _masked_grad_eager(grad_out, dropout_p, dropout_seed, dropout_scale, mask_seq_len=-1, mask_seq_offset=0):
+    # Rare (sparse gradients with dropout, tensor parallelism's dropout): Triton's ordinary launch, no plan.
     return _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale,
-                        lambda kernel, grid, args, constexprs: kernel.launch(grid, args, constexprs))
+                        lambda kernel, grid, args, constexprs: kernel.launch(grid, args, constexprs),
+                        mask_seq_len, mask_seq_offset)
 
 
 @_define_op("tokemb_fast::dropout_masked_grad", _masked_grad_eager, mutates_args=())
@@ -450,19 +465,24 @@ def dropout_masked_grad(
     dropout_p: float,
     dropout_seed: torch.Tensor,
     dropout_scale: torch.Tensor,
+    mask_seq_len: int = -1,
+    mask_seq_offset: int = 0,
 ) -> torch.Tensor:
     """grad_out [B, T, D] (any strides) times the forward's regenerated dropout mask and scale,
-    contiguous. Only the sparse-gradient path needs it materialised."""
+    contiguous. Only the sparse-gradient path and tensor parallelism need it materialised. With
+    mask_seq_len >= 0, step t takes the mask of step mask_seq_offset + t of a mask_seq_len-long
+    sequence (a rank's part of a sequence-parallel output)."""
     return _masked_grad(grad_out, dropout_p, dropout_seed, dropout_scale,
                         _traced_launch if _tracing() else
-                        lambda kernel, grid, args, constexprs: kernel.launch(grid, args, constexprs))
+                        lambda kernel, grid, args, constexprs: kernel.launch(grid, args, constexprs),
+                        mask_seq_len, mask_seq_offset)
 
 
 if INTERPRETED:
     # Output shapes for tracing (FakeTensors); see _define_op above.
     @input_embedding_forward.register_fake
     def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale,
-          id_flag, token_scale):
+          id_flag, token_scale, token_row_offset=0, vocab_size=-1, add_positions=True):
         return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
 
     @embedding_dense_grad.register_fake
@@ -471,5 +491,5 @@ if INTERPRETED:
         return grad_out.new_empty((num_rows, grad_out.shape[2]))
 
     @dropout_masked_grad.register_fake
-    def _(grad_out, dropout_p, dropout_seed, dropout_scale):
+    def _(grad_out, dropout_p, dropout_seed, dropout_scale, mask_seq_len=-1, mask_seq_offset=0):
         return grad_out.new_empty(grad_out.shape)

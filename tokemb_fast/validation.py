@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .id_check import position_error, token_error
-from .options import LookupOptions, TableOptions, check_mode
+from .options import LookupOptions, TableOptions, TokenShard, check_mode
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -120,6 +120,17 @@ def check_lookup_options(options, vocab_size: int, num_positions: int) -> None:
     check_dropout(options.dropout_p)
     check_mode(options.check_ids)
     check_token_scale(options.token_scale)
+    shard = options.shard
+    if shard is not None:
+        if not isinstance(shard, TokenShard):
+            raise TypeError(f"options.shard must be a tokemb_fast.options.TokenShard or None, got {type(shard).__name__}")
+        row_offset, total, add_positions = shard
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in (row_offset, total)) or \
+                not 0 <= row_offset <= row_offset + vocab_size <= total or not isinstance(add_positions, bool):
+            raise ValueError(f"options.shard must place the {vocab_size}-row token table inside the vocabulary "
+                             f"(0 <= row_offset, row_offset + rows <= vocab_size), got {shard!r}")
+        if options.token.sparse:
+            raise ValueError("a sharded token table takes dense gradients (options.token.sparse=False)")
 
 
 def check_token_scale(token_scale) -> float:
