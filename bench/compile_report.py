@@ -243,6 +243,7 @@ def kernel_reports(kernels_module) -> Dict[str, KernelReport]:
 def cases(quick: bool):
     """(label, shape, dtype, options): each is one forward + backward through the autograd Function."""
     from tokemb_fast.bench import SHAPES, Shape
+    from tokemb_fast.options import TokenShard
 
     gpt2, decode = SHAPES["gpt2-124M"], SHAPES["decode"]
     odd = Shape("odd", 4, 64, 1000, 100, 64)  # D not divisible by 16: no vector accesses
@@ -263,6 +264,9 @@ def cases(quick: bool):
         torch.float32, {"int32": True, "position_ids": True, "padding_idx": 0, "scale_grad_by_freq": True,
                         "token_scale": 10.0}
     yield "D=100 bfloat16 dropout, sparse token grad", odd, torch.bfloat16, {"dropout_p": 0.1, "sparse": True}
+    # Tensor parallelism: a rank's shard of the vocabulary, without the position rows.
+    yield "gpt2-124M float32, token shard 2 of 4", Shape("shard", 8, 1024, 12565, 768, 1024), torch.float32, \
+        {"shard": TokenShard(25130, 50257, False)}
 
 
 def _explicit_positions(shape, options) -> bool:
@@ -288,7 +292,7 @@ def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
     lookup = LookupOptions(token=TableOptions(options.get("padding_idx"), options.get("scale_grad_by_freq", False),
                                               options.get("sparse", False)),
                            dropout_p=dropout_p, check_ids=options.get("check_ids", True),
-                           token_scale=options.get("token_scale", 1.0))
+                           token_scale=options.get("token_scale", 1.0), shard=options.get("shard"))
     out = FusedInputEmbeddingFunction.apply(ids, token_weight, position_weight, position_ids, lookup,
                                             dropout_seed("cpu") if dropout_p > 0 else None)
     out.backward(torch.empty_like(out))

@@ -2,7 +2,7 @@
 # One device-time-budgeted check on a lent GPU machine (H100/H200), in a few minutes.
 #   bash bench/gpu_check.sh                 # every step below, in this order
 #   bash bench/gpu_check.sh tests bench-124M  # only the steps named
-#   bash bench/gpu_check.sh first             # then `second`: the limits below sum to 730 s, over
+#   bash bench/gpu_check.sh first             # then `second`: the limits below sum to 820 s, over
 #                                             # one device call's 600, so a session runs two calls
 # Steps (each with its own time limit; the seconds are that limit):
 #   tests       (170) the test suite on CUDA: real compiled kernels, Inductor compile tests,
@@ -17,6 +17,8 @@
 #   bench-skew   (40) Zipf and all-equal ids at gpt2-124M, forward+backward
 #   bench-rest   (90) gpt2-xl, decode and seed, plain rows
 #   bench-suite  (90) the pytest-benchmark suite (bench/bench_embedding.py) at the seed shape
+#   tp           (90) with 2 or more GPUs only: tensor parallelism on NCCL (bench/bench_tp.py: the
+#                     fused op against RowwiseParallel, outputs compared, then timed); else skipped
 # One log (gpu_check.log) and a JSON file per bench step go to $OUT (the device tool's output
 # folder, which brings back at most 8 files) or /tmp/tokemb-gpu; the installed package is this
 # checkout (pip -e, offline: the image has torch, triton and the test tools; --use-pep517, since
@@ -31,14 +33,14 @@ steps=()
 for arg in "$@"; do
   case $arg in
     first) steps+=(tests profile bench-124M bench-big bench-skew) ;;  # 440 s of limits: what #11 and #12 read first
-    second) steps+=(example bench-rest bench-suite) ;;               # 290 s
+    second) steps+=(example bench-rest bench-suite tp) ;;            # 380 s (tp: 0 s on one GPU)
     *) steps+=("$arg") ;;
   esac
 done
-[ ${#steps[@]} -gt 0 ] || steps=(tests example profile bench-124M bench-big bench-skew bench-rest bench-suite)
+[ ${#steps[@]} -gt 0 ] || steps=(tests example profile bench-124M bench-big bench-skew bench-rest bench-suite tp)
 
 for step in "${steps[@]}"; do
-  case $step in tests|example|profile|bench-124M|bench-big|bench-skew|bench-rest|bench-suite) ;; *) echo "unknown step $step"; exit 2 ;; esac
+  case $step in tests|example|profile|bench-124M|bench-big|bench-skew|bench-rest|bench-suite|tp) ;; *) echo "unknown step $step"; exit 2 ;; esac
 done
 LOG=$OUT/gpu_check.log
 python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
@@ -94,6 +96,14 @@ for step in "${steps[@]}"; do
       # One process: pytest-benchmark saves nothing under xdist (pytest.ini asks for workers).
       run_step bench-suite 90 python3 -m pytest -q -p no:cacheprovider -n 0 bench/bench_embedding.py -k seed \
         --benchmark-json "$OUT/bench-suite.json" ;;
+    tp)
+      gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+      if [ "$gpus" -ge 2 ]; then
+        run_step tp 90 python3 bench/bench_tp.py --nproc "$gpus" --shapes gpt2-124M,big --json "$OUT/bench-tp.json"
+      else
+        echo "=== tp: skipped ($gpus GPU: tensor parallelism needs 2 or more)" | tee -a "$LOG"
+        summary+=("tp: skipped, $gpus GPU")
+      fi ;;
   esac
 done
 printf '%s\n' "${summary[@]}" | tee -a "$LOG"

@@ -186,3 +186,20 @@ def test_pytest_benchmark_suite_runs_at_a_tiny_shape_on_cpu(tmp_path):
     groups = {b["group"] for b in benchmarks}
     assert groups == {f"tiny {d} {m}" for d in ("fp32", "bf16") for m in ("fwd", "bwd", "fwd+bwd")}
     assert all(b["extra_info"]["bytes_moved"] > 0 for b in benchmarks)
+
+
+def test_tensor_parallel_bench_script_runs_on_gloo(tmp_path):
+    # bench/bench_tp.py on 2 CPU processes: both layouts, the fused op checked against
+    # RowwiseParallel's output before timing, a row per (layout, implementation), the JSON.
+    path = tmp_path / "tp.json"
+    env = {**os.environ, "TOKEMB_FAST_BACKEND": "torch"}
+    result = subprocess.run([sys.executable, os.path.join("bench", "bench_tp.py"), "--nproc", "2", "--device", "cpu",
+                             "--shapes", "tiny", "--json", str(path)], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(path.read_text())
+    assert data["world"] == 2
+    assert {(row["layout"], row["impl"]) for row in data["rows"]} == \
+        {(layout, impl) for layout in ("replicate", "sequence") for impl in ("fused", "rowwise")}
+    assert all(row["fwd_us"] > 0 and row["fwd+bwd_us"] > 0 for row in data["rows"])
+    assert result.stdout.count("| tiny |") == 4
