@@ -151,6 +151,51 @@ def _case_dropout(ctx):
             assert torch.equal(parallel.tok_emb.weight.grad.full_tensor().sum(1), expected)
 
 
+def _case_call_variants(ctx):
+    # The other ways in: 1-D ids, [T] and [1, T] position ids, ids as a DTensor, the DTensor
+    # output, the function with DTensor tables; and inf table values, unchecked bad ids.
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from tokemb_fast import fused_input_embedding
+    parallel, single = _modules(torch.float64)
+    _parallelise(parallel, ctx.mesh, Shard(1))
+    generator = torch.Generator().manual_seed(6)
+    ids = _ids("uniform", generator)
+    for position_ids in (torch.randint(0, CONTEXT, (10,), generator=generator),
+                         torch.randint(0, CONTEXT, (1, 10), generator=generator)):
+        assert torch.equal(parallel(ids, position_ids=position_ids),
+                           _sequence_part(single(ids, position_ids=position_ids), ctx.rank, ctx.world))
+    parallel, single = _modules(torch.float64)
+    _parallelise(parallel, ctx.mesh, Replicate(), use_local_output=False)
+    out = parallel(distribute_tensor(ids, ctx.mesh, [Replicate()]))
+    assert isinstance(out, DTensor) and tuple(out.placements) == (Replicate(),)
+    assert torch.equal(out.to_local(), single(ids))
+    assert torch.equal(parallel(ids[1]).to_local(), single(ids[1]))  # [T] ids: [T, D]
+    functional = fused_input_embedding(ids, parallel.tok_emb.weight, parallel.pos_emb.weight, past_length=2)
+    assert isinstance(functional, DTensor) and torch.equal(functional.to_local(), single(ids, past_length=2))
+    # An infinite position row stays infinite (not inf - inf), and its gradient is the true one.
+    parallel, single = _modules(torch.float64)
+    with torch.no_grad():
+        for module in (parallel, single):
+            module.pos_emb.weight[3, 0] = float("inf")
+    _parallelise(parallel, ctx.mesh, Replicate())
+    out, expected = parallel(ids), single(ids)
+    assert torch.equal(out, expected) and torch.isinf(out[:, 3, 0]).all()
+    # check_ids=False: an id outside the vocabulary gives a NaN row, as on one process's kernels.
+    parallel, _ = _modules(torch.float32, check_ids=False)
+    _parallelise(parallel, ctx.mesh, Replicate())
+    bad = ids.clone()
+    bad[0, 4] = VOCAB + 5
+    out = parallel(bad)
+    assert torch.isnan(out[0, 4]).all() and not torch.isnan(out[0, :4]).any()
+    # A split that leaves a rank without rows is refused on every rank, before any collective.
+    from tokemb_fast import FusedInputEmbedding
+    rows = {2: 1, 4: 9}[ctx.world]
+    with pytest.raises(ValueError, match="leaves a rank without rows"):
+        _parallelise(FusedInputEmbedding(rows, CONTEXT, DIM), ctx.mesh, Replicate())
+    with pytest.raises(TypeError, match="padding_idx must be an int"):
+        fused_input_embedding(ids, parallel.tok_emb.weight, parallel.pos_emb.weight, padding_idx=2.0)
+
+
 def _case_bad_id(ctx):
     # Checked against the whole vocabulary, on every rank, with the single-process message.
     from torch.distributed.tensor import Replicate
@@ -278,7 +323,7 @@ def _case_checkpoint(ctx):
     dcp.save(parallel.state_dict(), checkpoint_id=os.path.join(ctx.out_dir, "group"))
 
 
-CASES = {**_lookup_cases(), "dropout": _case_dropout, "bad-id": _case_bad_id, "gpt-model-3-steps": _case_gpt_model_trains,
+CASES = {**_lookup_cases(), "dropout": _case_dropout, "call-variants": _case_call_variants, "bad-id": _case_bad_id, "gpt-model-3-steps": _case_gpt_model_trains,
          "hugging-face-gpt2": _case_hugging_face_gpt2,
          "compile-aot_eager": _case_compile, "refusals": _case_refusals, "checkpoint": _case_checkpoint}
 

@@ -334,8 +334,29 @@ def _plain_shard_sum(input_ids, token_weight, position_weight, position_ids, pas
     if not shard.add_positions:
         # Zero, with the true gradient: the position table is replicated, so every rank's copy
         # must get the whole gradient, not only the rank whose sum holds the rows.
-        positions = positions - positions.detach()
+        positions = _ZeroWithGradient.apply(positions)
+    elif not options.check_ids:
+        # Unchecked ids outside the vocabulary: a NaN row, as the kernels write (no rank looked them up).
+        bad = (input_ids < 0) | (input_ids >= shard.vocab_size)
+        tokens = tokens.masked_fill(bad.unsqueeze(-1), float("nan"))
     return tokens + positions
+
+
+class _ZeroWithGradient(torch.autograd.Function):
+    """Zeros shaped like x whose backward passes the gradient to x unchanged (x - x.detach()
+    would be NaN where x is infinite)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:

@@ -36,6 +36,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from .autograd import dropout_after_reduction, dropout_seed
 from .functional import _fused, resolve_backend
+from .validation import check_table_options
 from .options import TokenShard
 
 __all__ = ["FusedEmbeddingParallel", "TENSOR_PARALLEL_ATTR", "vocab_parallel_lookup"]
@@ -92,9 +93,7 @@ class FusedEmbeddingParallel(ParallelStyle):
             raise ValueError(f"FusedEmbeddingParallel takes a 1-D mesh (the tensor-parallel dimension), got "
                              f"{device_mesh.ndim} dimensions: pass mesh['tp'] of a 2-D mesh")
         _check_supported(token, position)
-        if token.num_embeddings < device_mesh.size():
-            raise ValueError(f"a {token.num_embeddings}-row token table cannot be split over "
-                             f"{device_mesh.size()} ranks")
+        _check_no_empty_shard(token.num_embeddings, device_mesh.size())
         if isinstance(token.weight, DTensor):
             raise ValueError("the token table is a DTensor already: FusedEmbeddingParallel distributes it")
         if _shared_with_another_module(token):
@@ -110,6 +109,15 @@ class FusedEmbeddingParallel(ParallelStyle):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(output_layouts={self.output_layouts!r}, use_local_output={self.use_local_output})"
+
+
+def _check_no_empty_shard(vocab_size: int, group_size: int) -> None:
+    # DTensor splits rows as torch.chunk does: ceil(V / n) per rank, the last ranks get what is
+    # left, possibly nothing (9 rows over 4 ranks: 3, 3, 3, 0).
+    per_rank = -(-vocab_size // group_size)
+    if per_rank * (group_size - 1) >= vocab_size:
+        raise ValueError(f"a {vocab_size}-row token table split over {group_size} ranks leaves a rank without "
+                         f"rows (DTensor gives each {per_rank}); use a smaller group")
 
 
 def _shared_with_another_module(embedding: nn.Module) -> bool:
@@ -183,13 +191,13 @@ def vocab_parallel_lookup(input_ids, token_weight, position_weight, position_ids
     local_shape, global_offset = compute_local_shape_and_global_offset(token_weight.shape, mesh,
                                                                        token_weight.placements)
     row_offset, local_rows = global_offset[0], local_shape[0]
+    # Checked here against the whole table, by every rank alike (a rank that raised alone would
+    # leave the others waiting in the collective).
+    _check_no_empty_shard(vocab_size, mesh.size())
+    padding_idx = check_table_options("token", vocab_size, padding_idx, None, norm_type)
     if padding_idx is not None:
-        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or \
-                not -vocab_size <= padding_idx < vocab_size:
-            raise ValueError(f"padding_idx must be within the token table (-{vocab_size} .. {vocab_size - 1}), "
-                             f"got {padding_idx!r}")
         # nn.Embedding's padding row, as a row of this shard (None on the ranks without it).
-        padding_idx = padding_idx % vocab_size - row_offset
+        padding_idx = padding_idx - row_offset
         padding_idx = padding_idx if 0 <= padding_idx < local_rows else None
     shard = TokenShard(row_offset, vocab_size, mesh.get_local_rank() == 0)
     local_options = (padding_idx, None, norm_type, scale_grad_by_freq, False, position_padding_idx, None,
