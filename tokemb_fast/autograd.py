@@ -514,7 +514,7 @@ class _DropoutAfterReduction(torch.autograd.Function):
 
 
 def _masked(x, dropout_p, seed, mask_seq_len, mask_seq_offset):
-    three_d = x if x.dim() == 3 else x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x.reshape(1, -1, x.shape[-1])
+    three_d = x if x.dim() == 3 else x.unsqueeze(0)  # [T, D] output of [T] ids
     scale = _dropout_scale(dropout_p, x.device, cache=_direct(x))
     return _ops().dropout_masked_grad(three_d, dropout_p, seed, scale, mask_seq_len, mask_seq_offset).reshape(x.shape)
 

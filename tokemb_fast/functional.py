@@ -101,6 +101,8 @@ def _any_dtensor(*tensors) -> bool:
     # (torch.distributed.tensor is imported by whoever made a DTensor; not here, for import time.)
     dtensor_module = sys.modules.get("torch.distributed.tensor")
     return dtensor_module is not None and any(isinstance(tensor, dtensor_module.DTensor) for tensor in tensors)
+
+
 # The path the last call on this thread took (FusedInputEmbedding.last_backend reads it).
 _last = threading.local()
 

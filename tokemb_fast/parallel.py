@@ -92,7 +92,8 @@ class FusedEmbeddingParallel(ParallelStyle):
         if device_mesh.ndim != 1:
             raise ValueError(f"FusedEmbeddingParallel takes a 1-D mesh (the tensor-parallel dimension), got "
                              f"{device_mesh.ndim} dimensions: pass mesh['tp'] of a 2-D mesh")
-        _check_supported(token, position)
+        _check_supported(token=(token.max_norm, token.sparse),
+                         position=(getattr(position, "max_norm", None), getattr(position, "sparse", False)))
         _check_no_empty_shard(token.num_embeddings, device_mesh.size())
         if isinstance(token.weight, DTensor):
             raise ValueError("the token table is a DTensor already: FusedEmbeddingParallel distributes it")
@@ -136,12 +137,13 @@ def _distribute_weight(embedding: nn.Module, device_mesh, placement) -> None:
                                     requires_grad=weight.requires_grad)
 
 
-def _check_supported(token_embedding: nn.Module, position_embedding: Optional[nn.Module]) -> None:
-    for name, embedding in (("token", token_embedding), ("position", position_embedding)):
-        if getattr(embedding, "max_norm", None) is not None:
+def _check_supported(**tables) -> None:
+    """tables: name -> (max_norm, sparse), nn.Embedding's options that tensor parallelism refuses."""
+    for name, (max_norm, sparse) in tables.items():
+        if max_norm is not None:
             raise NotImplementedError(f"max_norm on the {name} table is not supported with tensor parallelism "
                                       "(it renormalises rows in place before the lookup)")
-        if getattr(embedding, "sparse", False):
+        if sparse:
             raise NotImplementedError(f"sparse=True on the {name} table is not supported with tensor parallelism "
                                       "(DTensor parameters take dense gradients)")
 
@@ -183,9 +185,7 @@ def vocab_parallel_lookup(input_ids, token_weight, position_weight, position_ids
         raise ValueError(f"a Shard(1) output shards the sequence of [B, T] ids; got {input_ids.dim()}-D ids")
     (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, position_padding_idx, position_max_norm,
      position_norm_type, position_scale_grad_by_freq, position_sparse) = table_options
-    if max_norm is not None or position_max_norm is not None or sparse or position_sparse:
-        _check_supported(nn.Embedding(1, 1, max_norm=max_norm, sparse=sparse),
-                         nn.Embedding(1, 1, max_norm=position_max_norm, sparse=position_sparse))
+    _check_supported(token=(max_norm, sparse), position=(position_max_norm, position_sparse))
 
     vocab_size = token_weight.shape[0]
     local_shape, global_offset = compute_local_shape_and_global_offset(token_weight.shape, mesh,
