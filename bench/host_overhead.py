@@ -102,11 +102,11 @@ def use_gpu_id_check_protocol(event_us: float) -> None:
             super().__init__(device)
             self.host = torch.zeros_like(self.flag)
 
-        def after_launch(self, wait_at_next_call):
+        def after_launch(self, wait_at_next_call, stream=None):
             self.host.copy_(self.flag, non_blocking=True)
             event = StandInEvent(event_us)
             event.record()
-            record = id_check._Record(self, event, wait_at_next_call)
+            record = id_check._Record(self, event, wait_at_next_call, stream)
             self.pending.append(record)
             return record
 

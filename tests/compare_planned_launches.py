@@ -11,7 +11,9 @@ launch itself, and once with plans on, each call made twice so that the second t
 The calls vary what Triton specialises on: unaligned and strided ids and tables, int32 ids,
 past_length 0, 1, 16 and 17, explicit positions, dropout, options, checks, dtypes, a forward
 large enough to be autotuned, and pairs of calls that differ only in a pointer's alignment.
-Writes the launches of each call and the path each launch took. (Dropping the alignment bits or
+Writes the launches of each call and the path each launch took ("triton", "planned" for a
+KernelPlan, "call" for a repeated plain eager forward's ForwardCall), and the forward's path
+under each autograd and dispatch mode. (Dropping the alignment bits or
 past_length's class from the plan keys makes the comparison fail: checked when it was written.)
 """
 import json
@@ -87,6 +89,69 @@ def calls():
             fused_input_embedding(ids(4, 8), token_weight, position_weight)
     yield "inference", inference
 
+    def double_backward():
+        out = fused_input_embedding(ids(4, 8), token_weight, position_weight)
+        upstream = torch.ones_like(out, requires_grad=True)  # the gradients are linear in it
+        grads = torch.autograd.grad(out, (token_weight, position_weight), upstream, create_graph=True)
+        (grads[0].sum() + grads[1].sum()).backward()
+    yield "double backward", double_backward
+
+
+def forward_paths_by_mode():
+    """{mode: the path of each forward launch}, for calls of one layout that has been called
+    before: plain eager calls take their ForwardCall ("call"); calls under a dispatch mode,
+    torch.func, forward-mode AD or a profiler's launch hook must not."""
+    import triton
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    token_weight = torch.randn(50, 32, requires_grad=True)
+    position_weight = torch.randn(40, 32, requires_grad=True)
+    input_ids = torch.randint(0, 50, (4, 8))
+
+    def call(*tables):
+        return fused_input_embedding(input_ids, *(tables or (token_weight, position_weight)))
+
+    def no_grad():
+        with torch.no_grad():
+            call()
+
+    def forward_ad():
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            call(fwAD.make_dual(token_weight.detach(), torch.ones_like(token_weight)), position_weight)
+
+    def dispatch_mode():
+        with PassThrough():
+            call()
+
+    def launch_hook():
+        runtime = triton.knobs.runtime
+        runtime.launch_enter_hook = lambda *args: None
+        try:
+            call()
+        finally:
+            runtime.launch_enter_hook = None
+
+    modes = {"training": lambda: call().sum().backward(), "no_grad": no_grad,
+             "torch.func.grad": lambda: torch.func.grad(lambda weight: call(weight, position_weight).sum())(
+                 token_weight.detach()),
+             "forward AD": forward_ad, "dispatch mode": dispatch_mode, "launch hook": launch_hook,
+             "1-D ids": lambda: fused_input_embedding(input_ids[0], token_weight, position_weight),
+             "check_ids='sync'": lambda: fused_input_embedding(input_ids, token_weight, position_weight,
+                                                               check_ids="sync")}
+    result = {}
+    for name, run_mode in modes.items():
+        for _ in range(2):  # the first call of a layout plans it
+            run_mode()
+        launch.PATHS = []
+        run_mode()
+        result[name] = [path for kernel, path in launch.PATHS if kernel == "input_embedding_fwd_kernel"]
+    return result
+
 
 def _recorded(start):
     return [[item.kernel, item.hash, list(item.grid), repr(item.arguments)]
@@ -112,9 +177,10 @@ def run(planned: bool):
 def main(path):
     ordinary, ordinary_paths = run(planned=False)
     planned, planned_paths = run(planned=True)
+    modes = forward_paths_by_mode()
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"ordinary": ordinary, "planned": planned, "ordinary_paths": ordinary_paths,
-                   "planned_paths": planned_paths}, handle)
+                   "planned_paths": planned_paths, "modes": modes}, handle)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,14 @@ def test_planned_launches_run_the_binaries_triton_would(tmp_path):
         assert first == ordinary, f"{label}: the first call's launches differ from Triton's own"
         assert second == ordinary, f"{label}: the planned launches differ from Triton's own"
     # Every call's second run took plans only; first runs reuse the plans of earlier calls' keys.
-    planned = data["planned_paths"].count("planned")
-    assert planned >= len(data["planned_paths"]) // 2 and planned + data["planned_paths"].count("triton") == \
-        2 * len(data["ordinary_paths"])
+    paths = data["planned_paths"]
+    planned = paths.count("planned") + paths.count("call")
+    assert planned >= len(paths) // 2 and planned + paths.count("triton") == 2 * len(data["ordinary_paths"])
+    # Repeated plain eager forwards ran their ForwardCall (the launches above matched Triton's own).
+    assert paths.count("call") >= 15, paths
+    # Each mode's forward took the path it should: the ForwardCall only in plain eager calls.
+    modes = data["modes"]
+    assert modes["training"] == ["call"] and modes["no_grad"] == ["call"], modes
+    for mode in ("torch.func.grad", "forward AD", "dispatch mode", "1-D ids", "check_ids='sync'"):
+        assert modes[mode] and "call" not in modes[mode] and set(modes[mode]) <= {"planned", "triton"}, (mode, modes)
+    assert modes["launch hook"] == ["triton"], modes  # a profiler's hook gets Triton's own launch

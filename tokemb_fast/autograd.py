@@ -162,7 +162,9 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
     else:
         out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
                      dropout_seed, scale, flag, token_scale, shard.row_offset, shard.vocab_size, shard.add_positions)
-    record = guard.after_launch(wait_at_next_call) if guard is not None else None
+    record = None
+    if guard is not None:
+        record = guard.after_launch(wait_at_next_call, ops.current_stream()[1])
     return (out[0] if one_dim else out), record
 
 
@@ -214,6 +216,31 @@ def _apply(cls, args, n_arguments):
     return super(cls, cls).apply(*args)
 
 
+def _backward(ctx, grad_out, options, table_shapes):
+    """The backward of the forward Functions: gradients of the two tables (the ids, position ids,
+    options and seed get none)."""
+    record = ctx.id_record
+    if record is not None and not record.checked:
+        record.guard.check(record)  # raises IndexError for a bad id before any gradient exists
+    input_ids, position_ids, dropout_seed = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    if grad_out is None or not any(needs):
+        return None, None, None, None, None, None
+    rows = (table_shapes[0][0], table_shapes[1][0])
+    if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or _in_transform()):
+        if options.shard is not None:
+            raise NotImplementedError(
+                "double backward (create_graph=True) and torch.func transforms of the tensor-parallel embedding "
+                "are not supported: its derivatives would need the group's collectives")
+        # create_graph=True or a torch.func transform: the gradients must be differentiable.
+        grad_token, grad_position = differentiable_table_grads(grad_out, input_ids, position_ids, dropout_seed,
+                                                               options, rows, needs)
+    else:
+        grad_token, grad_position = table_grads(grad_out, input_ids, position_ids, dropout_seed, options, rows,
+                                                needs)
+    return None, grad_token, grad_position, None, None, None
+
+
 class _FusedInputEmbedding(torch.autograd.Function):
     """Forward and backward of FusedInputEmbeddingFunction: what torch.compile traces (Dynamo does
     not trace a Function that defines jvp, so fused_input_embedding uses this one there)."""
@@ -245,26 +272,7 @@ class _FusedInputEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        record = ctx.id_record
-        if record is not None and not record.checked:
-            record.guard.check(record)  # raises IndexError for a bad id before any gradient exists
-        input_ids, position_ids, dropout_seed = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        if grad_out is None or not any(needs):
-            return None, None, None, None, None, None
-        rows = (ctx.table_shapes[0][0], ctx.table_shapes[1][0])
-        if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or _in_transform()):
-            if ctx.options.shard is not None:
-                raise NotImplementedError(
-                    "double backward (create_graph=True) and torch.func transforms of the tensor-parallel embedding "
-                    "are not supported: its derivatives would need the group's collectives")
-            # create_graph=True or a torch.func transform: the gradients must be differentiable.
-            grad_token, grad_position = differentiable_table_grads(grad_out, input_ids, position_ids, dropout_seed,
-                                                                   ctx.options, rows, needs)
-        else:
-            grad_token, grad_position = table_grads(grad_out, input_ids, position_ids, dropout_seed, ctx.options,
-                                                    rows, needs)
-        return None, grad_token, grad_position, None, None, None
+        return _backward(ctx, grad_out, ctx.options, ctx.table_shapes)
 
 
 class FusedInputEmbeddingFunction(_FusedInputEmbedding):
@@ -310,6 +318,88 @@ class FusedInputEmbeddingFunction(_FusedInputEmbedding):
         outputs = [FusedInputEmbeddingFunction.apply(*_select(args, in_dims, index))
                    for index in range(info.batch_size)]
         return torch.stack(outputs), 0
+
+
+class PlannedForward:
+    """The forward of one call layout, planned: ``launch`` (a ``triton_ops.ForwardCall``, which
+    also keeps the id check's books) is what a repeated plain eager call runs instead of
+    ``run_forward``.
+
+    ``tokemb_fast.functional`` keeps these per call key (shapes, strides, alignment, dtypes,
+    options: everything the launch depends on) after a call of that key took the general path,
+    and uses one only when ``stream()`` says the call is plain eager (no dispatch mode, torch.func
+    transform or forward-mode AD; no profiler hook; no CUDA graph capture; the device planned for)."""
+
+    __slots__ = ("launch", "options", "table_shapes", "cuda")
+
+    def stream(self):
+        """The stream to launch on, or None where this call must take the general path."""
+        if _dispatch_stack_length() or _peek_interpreter_stack() is not None or \
+                torch.autograd.forward_ad._current_level >= 0 or _triton_ops.hooks_installed() or \
+                (self.cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        launch = self.launch
+        device = launch.get_device()
+        return launch.get_stream(device) if device == launch.device_index else None
+
+
+_dispatch_stack_length = torch._C._len_torch_dispatch_stack
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+
+
+def planned_forward(input_ids, token_weight, position_weight, position_ids, options: LookupOptions,
+                    seed: Optional[torch.Tensor]):
+    """A PlannedForward for calls like this one, which has just run through run_forward; False
+    where calls of this layout are never planned (tensor subclasses, 1-D ids or positions, a
+    table the kernels do not read as it is, tensor parallelism, check_ids="sync"); None where
+    this call could not make one (a dispatch mode or transform, a CUDA graph capture, no plan
+    made, e.g. under the interpreter or a profiler's hook): a later call may."""
+    if options.shard is not None or options.check_ids == "sync" or input_ids.dim() != 2 or \
+            (position_ids is not None and position_ids.dim() != 2) or \
+            any(type(tensor) not in _PLAIN for tensor in (input_ids, token_weight, position_weight, position_ids)):
+        return False
+    for table in (token_weight, position_weight):
+        if table.is_neg() or not (table.stride(1) == 1 or table.shape[1] <= 1):  # _kernel_table would copy
+            return False
+    device = token_weight.device
+    if torch.compiler.is_compiling() or _dispatch_stack_length() or _peek_interpreter_stack() is not None or \
+            _forward_ad_active() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None
+    planned = PlannedForward()
+    planned.options = options
+    planned.table_shapes = (token_weight.shape, position_weight.shape)
+    planned.cuda = device.type == "cuda"
+    scale = None if seed is None else _dropout_scale(options.dropout_p, device, cache=False)
+    token_scale = None if options.token_scale == 1.0 else _constant(options.token_scale, device, cache=False)
+    planned.launch = _ops().forward_call(input_ids, token_weight, position_weight, position_ids, options.past_length,
+                                         options.dropout_p, seed, scale,
+                                         id_check.guard(device) if options.check_ids else None, token_scale)
+    return None if planned.launch is None else planned
+
+
+class _PlannedFunction(torch.autograd.Function):
+    """FusedInputEmbeddingFunction's autograd node for a call run by a PlannedForward: the same
+    backward (double backward included); only used outside forward-mode AD and torch.func
+    transforms, so it needs neither jvp nor vmap. Its forward takes ctx (no setup_context call)
+    and leaves it the PlannedForward, which holds the options and table shapes of its key."""
+
+    @staticmethod
+    def forward(ctx, input_ids, token_weight, position_weight, position_ids, planned, dropout_seed, stream):
+        out, ctx.id_record = planned.launch(stream, input_ids, token_weight, position_weight, position_ids,
+                                            dropout_seed, False)
+        ctx.save_for_backward(input_ids, position_ids, dropout_seed)
+        ctx.planned = planned
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        planned = ctx.planned
+        return (*_backward(ctx, grad_out, planned.options, planned.table_shapes), None)
+
+
+#: _PlannedFunction.apply without torch.autograd.Function.apply's Python layer (argument binding
+#: and the torch.func checks, which PlannedForward.stream has made).
+apply_planned = super(torch.autograd.Function, _PlannedFunction).apply
 
 
 class EmbeddingGradFunction(torch.autograd.Function):

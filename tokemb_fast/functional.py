@@ -17,7 +17,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .autograd import _forward_ad_active, _FusedInputEmbedding, _in_transform, apply_checked, dropout_seed, run_forward
+from .autograd import (_forward_ad_active, _FusedInputEmbedding, _in_transform, apply_checked, apply_planned, dropout_seed,
+                       planned_forward, run_forward)
 from .options import LookupOptions, TableOptions, check_mode
 from .reference import default_position_ids, input_embedding_reference
 from .validation import check_dropout, check_id_ranges, check_inputs, check_table_options, check_token_scale
@@ -45,6 +46,19 @@ def interpreted() -> bool:
     if triton_ops is not None:
         return triton_ops.INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+try:
+    # What TOKEMB_FAST_BACKEND holds, raw, for the per-call key: os.environ.get takes 0.7 us (it
+    # encodes the name and decodes the value), a tenth of a planned call's host time; the dict
+    # behind os.environ, which every assignment to os.environ updates, answers in 0.04 us.
+    _ENVIRON_DATA, _BACKEND_VARIABLE = os.environ._data, os.environ.encodekey("TOKEMB_FAST_BACKEND")
+
+    def _backend_variable():
+        return _ENVIRON_DATA.get(_BACKEND_VARIABLE)
+except AttributeError:  # pragma: no cover  (not CPython's os.environ)
+    def _backend_variable():
+        return os.environ.get("TOKEMB_FAST_BACKEND")
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
@@ -90,10 +104,14 @@ class _Prepared(NamedTuple):
     options: LookupOptions          # normalised (padding rows >= 0)
     renorm: bool                    # max_norm on either table
     check_on_error: bool            # plain PyTorch on CPU: F.embedding's own IndexError triggers our check
+    #: Triton calls that can be planned: PlannedForwards (False: never) by the planned key in _fused;
+    #: None where none can be
+    planned: Optional[dict]
 
 
 _prepared = {}
 _MAX_PREPARED = 4096
+_MAX_PLANNED = 16  # layouts per _prepared key (strides and alignment rarely vary)
 _PLAIN_TABLES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -185,7 +203,7 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
     prepared = key = None
     if not compiling:
         try:
-            key = (backend, os.environ.get("TOKEMB_FAST_BACKEND"), input_ids.shape, input_ids.dtype, input_ids.device,
+            key = (backend, _backend_variable(), input_ids.shape, input_ids.dtype, input_ids.device,
                    token_weight.shape, token_weight.dtype, token_weight.device, position_weight.shape,
                    position_weight.dtype, position_weight.device,
                    None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
@@ -233,15 +251,50 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
             looked_up = position_ids if position_ids is not None else \
                 default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
             _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type)
-    seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
     if compiling:
+        seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
         return _FusedInputEmbedding.apply(input_ids, token_weight, position_weight, position_ids, options, seed)
+    planned_calls = prepared.planned
+    planned_key = None
+    if planned_calls is not None:
+        try:
+            # What a PlannedForward depends on beyond the _prepared key: the tensors' types,
+            # strides, 16-byte alignment and negative bits. data_ptr raises RuntimeError for a
+            # tensor without storage (batched by legacy vmap, a dead torch.func wrapper): those
+            # take the general path.
+            planned_key = (type(input_ids), input_ids.stride(), input_ids.data_ptr() & 15 == 0,
+                           type(token_weight), token_weight.stride(), token_weight.data_ptr() & 15 == 0,
+                           token_weight.is_neg(), type(position_weight), position_weight.stride(),
+                           position_weight.data_ptr() & 15 == 0, position_weight.is_neg(),
+                           None if position_ids is None else
+                           (type(position_ids), position_ids.stride(), position_ids.data_ptr() & 15 == 0))
+        except RuntimeError:
+            planned_calls = None
+        else:
+            planned = planned_calls.get(planned_key)
+            stream = planned.stream() if planned else None
+            if stream is not None:
+                # A repeated plain eager call: its launch is planned (tokemb_fast.autograd.PlannedForward).
+                seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
+                if torch.is_grad_enabled() and (token_weight.requires_grad or position_weight.requires_grad):
+                    return apply_planned(input_ids, token_weight, position_weight, position_ids, planned, seed, stream)
+                return planned.launch(stream, input_ids, token_weight, position_weight, position_ids, seed, True)[0]
+    seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
     if (torch.is_grad_enabled() and (token_weight.requires_grad or position_weight.requires_grad)) or \
             _forward_ad_active() or _in_transform():
-        return apply_checked(input_ids, token_weight, position_weight, position_ids, options, seed)
-    # No gradient can flow: launch without an autograd node (the Function's own cost is ~10 us).
-    out, _record = run_forward(input_ids, token_weight, position_weight, position_ids, options, seed,
-                               wait_at_next_call=True)
+        out = apply_checked(input_ids, token_weight, position_weight, position_ids, options, seed)
+    else:
+        # No gradient can flow: launch without an autograd node (the Function's own cost is ~10 us).
+        out, _record = run_forward(input_ids, token_weight, position_weight, position_ids, options, seed,
+                                   wait_at_next_call=True)
+    if planned_calls is not None and planned_key not in planned_calls:
+        # This call planned its launch: later ones of its layout reuse it (False: they never
+        # can; None: this one could not, e.g. under the interpreter or a profiler's hook).
+        planned = planned_forward(input_ids, token_weight, position_weight, position_ids, options, seed)
+        if planned is not None:
+            if len(planned_calls) >= _MAX_PLANNED:
+                planned_calls.clear()
+            planned_calls[planned_key] = planned
     return out
 
 
@@ -272,7 +325,8 @@ def _prepare(input_ids, token_weight, position_weight, position_ids, past_length
     check_on_error = bool(check_ids) and not use_triton and token_weight.device.type == "cpu" and not renorm and \
         shard is None
     backend = "torch" if not use_triton else "triton-interpreter" if token_weight.device.type == "cpu" else "triton"
-    return _Prepared(use_triton, backend, options, renorm, check_on_error)
+    plannable = use_triton and not renorm and shard is None and check_ids != "sync"
+    return _Prepared(use_triton, backend, options, renorm, check_on_error, {} if plannable else None)
 
 
 _positions = {}

@@ -36,12 +36,13 @@ _lock = threading.Lock()
 class _Record:
     """One checked launch: where its flag copy will be, and whether the next call must wait for it."""
 
-    __slots__ = ("guard", "event", "wait_at_next_call", "checked")
+    __slots__ = ("guard", "event", "wait_at_next_call", "stream", "checked")
 
-    def __init__(self, guard, event, wait_at_next_call):
+    def __init__(self, guard, event, wait_at_next_call, stream=None):
         self.guard = guard
         self.event = event
         self.wait_at_next_call = wait_at_next_call
+        self.stream = stream  # the launch's stream handle, where the caller knows it
         self.checked = False
 
 
@@ -66,33 +67,50 @@ class _DeviceGuard:
             self.check(pending[-1])
         elif len(pending) > _BACKLOG:
             # Training calls whose backward has not come (a forward-only loop with grad enabled):
-            # check the newest that has finished, without waiting, and with it all earlier ones.
+            # check the newest that has finished, and with it all earlier ones. Launches on one
+            # stream finish in order, so a binary search finds it in a few event queries.
             finished = None
-            for record in pending:
-                if record.event is not None and not record.event.query():
-                    break
-                finished = record
+            low, high = 0, len(pending) - 1
+            while low <= high:
+                middle = (low + high) // 2
+                record = pending[middle]
+                if record.event is None or record.event.query():
+                    finished, low = record, middle + 1
+                else:
+                    high = middle - 1
             if finished is not None:
-                self.check(finished)
+                self.check(finished, finished=True)
 
-    def after_launch(self, wait_at_next_call: bool) -> _Record:
+    def after_launch(self, wait_at_next_call: bool, stream=None) -> _Record:
         event = None
         if self.cuda:
             self.host.copy_(self.flag, non_blocking=True)
             event = self.free_events.pop() if self.free_events else torch.cuda.Event()
             event.record()
-        record = _Record(self, event, wait_at_next_call)
+        record = _Record(self, event, wait_at_next_call, stream)
         self.pending.append(record)
         return record
 
-    def check(self, record: _Record) -> None:
-        """Wait for ``record``'s launch (and the ones before it) and raise if an id was bad."""
-        while self.pending and not record.checked:
-            oldest = self.pending.popleft()
+    def check(self, record: _Record, finished: bool = False) -> None:
+        """Wait for ``record``'s launch (and the ones before it) and raise if an id was bad.
+        ``finished``: its event has been seen complete already."""
+        pending = self.pending
+        waited = False
+        while pending and not record.checked:
+            oldest = pending.popleft()
             oldest.checked = True
-            if oldest.event is not None:
-                oldest.event.synchronize()
-                self.free_events.append(oldest.event)
+            waited = True
+            event = oldest.event
+            if event is not None:
+                # An earlier launch on the same (known) stream has finished when this one has:
+                # only this one and launches on other or unknown streams are waited for.
+                if (oldest is record and not finished) or \
+                        (oldest is not record and (oldest.stream is None or oldest.stream != record.stream)):
+                    event.synchronize()
+                self.free_events.append(event)
+        if waited:
+            # The host copy of the last launch waited for: the flag is sticky, so it holds every
+            # id recorded by the launches before it too.
             self._raise_if_recorded(self.host.tolist())
 
     def check_now(self) -> None:

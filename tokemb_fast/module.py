@@ -195,7 +195,15 @@ class FusedInputEmbedding(nn.Module):
         # because at GPT-2 sizes the host time of a call is what users feel.
         modules = self._modules
         tok, pos, drop = modules["tok_emb"], modules["pos_emb"], modules["drop"]
-        out = _fused(input_ids, tok.weight, pos.weight, position_ids, past_length,
+        # A parameter's own dict first: ``tok.weight`` goes through nn.Module.__getattr__ (0.5 us).
+        # (A parametrized weight, or the sinusoidal table's buffer, is not there: read as attributes.)
+        token_weight = tok._parameters.get("weight")
+        if token_weight is None:
+            token_weight = tok.weight
+        position_weight = pos._parameters.get("weight")
+        if position_weight is None:
+            position_weight = pos.weight
+        out = _fused(input_ids, token_weight, position_weight, position_ids, past_length,
                      (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
                       pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
                      drop.p if drop.training else 0.0, self.check_ids, self.token_scale, self.backend,

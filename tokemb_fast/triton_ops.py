@@ -24,9 +24,11 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
+from triton.runtime.driver import driver
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
+from . import launch
 from .launch import CachedKernel, PlanCache, aligned, current_stream, hooks_installed, int_class
 
 #: True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -144,12 +146,17 @@ def _traced_launch(kernel: CachedKernel, grid, args, constexprs) -> None:
     wrap_triton(kernel.kernel)[grid](*args, **constexprs)
 
 
+def _dropout_threshold(dropout_p, dropout_seed) -> int:
+    # An element is kept when its 32 random bits are >= floor(p * 2^32).
+    return 0 if dropout_seed is None else int(dropout_p * 2**32)
+
+
 def _dropout_args(dropout_p, dropout_seed, dropout_scale, placeholder):
-    """(seed, scale, threshold) kernel arguments: an element is kept when its 32 random bits are
-    >= floor(p * 2^32). Without dropout the kernels never read them; any pointer will do."""
+    """(seed, scale, threshold) kernel arguments. Without dropout the kernels never read them;
+    any pointer will do."""
     if dropout_seed is None:
         return placeholder, placeholder, 0
-    return dropout_seed, dropout_scale, int(dropout_p * 2**32)
+    return dropout_seed, dropout_scale, _dropout_threshold(dropout_p, dropout_seed)
 
 
 def _aligned4(dim: int, block_d: int) -> bool:
@@ -184,20 +191,36 @@ def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check, ha
         **NO_FMA))
 
 
-def _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
-                  dropout_scale, id_flag, token_scale, token_row_offset, vocab_size):
-    # The kernel never reads position_ids when there are none, nor the seed or flag when off;
-    # any pointer will do (the ids: their dtype and alignment are in every key already).
+def _forward_static(input_ids, token_weight, position_weight, position_ids, past_length, token_row_offset,
+                    vocab_size):
+    """The forward's integer arguments, grouped as ``_forward_arguments`` places them between the
+    tensors: all fixed by the shapes, strides and past_length."""
     pos_ids = input_ids if position_ids is None else position_ids
     batch, seq_len = input_ids.shape
-    return (out,
-            input_ids, _batch_stride(input_ids), input_ids.stride(1),
-            pos_ids, _batch_stride(pos_ids), pos_ids.stride(1),
-            token_weight, token_weight.stride(0),
-            position_weight, position_weight.stride(0),
-            batch * seq_len, seq_len, token_weight.shape[1], token_weight.shape[0] if vocab_size < 0 else vocab_size,
-            position_weight.shape[0], past_length, token_row_offset, token_weight.shape[0], *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
-            input_ids if id_flag is None else id_flag, input_ids if token_scale is None else token_scale)
+    return ((_batch_stride(input_ids), input_ids.stride(1)), (_batch_stride(pos_ids), pos_ids.stride(1)),
+            token_weight.stride(0), position_weight.stride(0),
+            (batch * seq_len, seq_len, token_weight.shape[1], token_weight.shape[0] if vocab_size < 0 else vocab_size,
+             position_weight.shape[0], past_length, token_row_offset, token_weight.shape[0]))
+
+
+def _forward_arguments(out, input_ids, position_ids, token_weight, position_weight, static, dropout_seed,
+                       dropout_scale, dropout_threshold, id_flag, token_scale):
+    """The forward kernel's non-constexpr arguments in signature order (the one place that says it).
+    The kernel never reads position_ids when there are none, nor the seed, scale or flag when
+    off: any pointer will do (the ids': their dtype and alignment are in every key already)."""
+    ids_strides, position_strides, token_stride, position_stride, ints = static
+    return (out, input_ids, *ids_strides, input_ids if position_ids is None else position_ids, *position_strides,
+            token_weight, token_stride, position_weight, position_stride, *ints,
+            input_ids if dropout_seed is None else dropout_seed, input_ids if dropout_seed is None else dropout_scale,
+            dropout_threshold, input_ids if id_flag is None else id_flag, input_ids if token_scale is None else token_scale)
+
+
+def _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                  dropout_scale, id_flag, token_scale, token_row_offset, vocab_size):
+    static = _forward_static(input_ids, token_weight, position_weight, position_ids, past_length, token_row_offset,
+                             vocab_size)
+    return _forward_arguments(out, input_ids, position_ids, token_weight, position_weight, static, dropout_seed,
+                              dropout_scale, _dropout_threshold(dropout_p, dropout_seed), id_flag, token_scale)
 
 
 _forward_plans = PlanCache()
@@ -213,16 +236,9 @@ def _forward_planned(input_ids, token_weight, position_weight, position_ids, pas
     args = _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
                          dropout_seed, dropout_scale, id_flag, token_scale, token_row_offset, vocab_size)
     device, stream = current_stream()
-    # Everything Triton specialises on, given that the tables' columns have unit stride and
-    # out, the seed, the scale and the flag are fresh (aligned) allocations.
-    key = (device, input_ids.shape, input_ids.stride(), input_ids.dtype, aligned(input_ids),
-           None if position_ids is None else
-           (position_ids.shape, position_ids.stride(), position_ids.dtype, aligned(position_ids)),
-           token_weight.shape, token_weight.stride(0), token_weight.dtype, aligned(token_weight),
-           position_weight.shape, position_weight.stride(0), aligned(position_weight),
-           int_class(past_length), None if dropout_seed is None else dropout_p, id_flag is None, token_scale is None,
-           None if vocab_size < 0 else (int_class(token_row_offset), int_class(vocab_size), add_positions))
-    plan = _forward_plans.get(key)
+    plan = _forward_plans.get(_forward_key(device, input_ids, token_weight, position_weight, position_ids, past_length,
+                                           dropout_p, dropout_seed, id_flag, token_scale, token_row_offset, vocab_size,
+                                           add_positions))
     if plan is not None and not hooks_installed():
         plan(stream, args)
         return out
@@ -231,8 +247,109 @@ def _forward_planned(input_ids, token_weight, position_weight, position_ids, pas
                              add_positions)
     plan = layout.kernel.launch(layout.grid, args, layout.constexprs)
     if plan is not None:
-        _forward_plans.add(key, plan)
+        _forward_plans.add(_forward_key(device, input_ids, token_weight, position_weight, position_ids, past_length,
+                                        dropout_p, dropout_seed, id_flag, token_scale, token_row_offset, vocab_size,
+                                        add_positions), plan)
     return out
+
+
+class ForwardCall:
+    """The planned forward of one call layout with nothing left to decide but the tensors: made
+    by ``forward_call`` for a caller whose own cache key fixes everything ``_forward_key`` holds
+    except the current device (the caller compares ``device_index`` with ``get_device()``), so
+    a call is an allocation, a launch, and the id check's bookkeeping (``guard``: the device's
+    ``tokemb_fast.id_check`` guard, or None when ids are not checked)."""
+
+    __slots__ = ("run", "function", "packed_metadata", "grid", "constexpr_values", "name", "out_shape", "static", "dropout_scale", "dropout_threshold", "token_scale", "guard", "device_index",
+                 "get_device", "get_stream")
+
+    def __call__(self, stream, input_ids, token_weight, position_weight, position_ids, dropout_seed,
+                 wait_at_next_call):
+        """(output, the id check's record or None), as autograd.run_forward returns them."""
+        guard = self.guard
+        if guard is not None and guard.pending:
+            guard.before_launch()
+        out = token_weight.new_empty(self.out_shape)  # (0.3 us less than torch.empty with dtype and device)
+        grid_x, grid_y, grid_z = self.grid
+        # KernelPlan.__call__'s launch, without its frame.
+        self.run(grid_x, grid_y, grid_z, stream, self.function, self.packed_metadata, None, None, None,
+                 *_forward_arguments(out, input_ids, position_ids, token_weight, position_weight, self.static,
+                                     dropout_seed, self.dropout_scale, self.dropout_threshold,
+                                     None if guard is None else guard.flag, self.token_scale),
+                 *self.constexpr_values)
+        if launch.PATHS is not None:
+            launch.PATHS.append((self.name, "call"))
+        return out, None if guard is None else guard.after_launch(wait_at_next_call, stream)
+
+
+def forward_call(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                 dropout_scale, guard, token_scale) -> Optional[ForwardCall]:
+    """The ForwardCall of a forward that ``_forward_planned`` has just launched with these
+    arguments ([B, T] ids, position ids None or [B, T]) and ``guard``'s flag, or None where it
+    made no plan (the interpreter, an empty call, a profiler's hook)."""
+    device, _stream = current_stream()
+    if device is None:
+        return _InterpretedForwardCall(guard, past_length, dropout_p, dropout_scale, token_scale) if INTERPRETED \
+            else None
+    id_flag = None if guard is None else guard.flag
+    plan = _forward_plans.get(_forward_key(device, input_ids, token_weight, position_weight, position_ids, past_length,
+                                           dropout_p, dropout_seed, id_flag, token_scale, 0, -1, True))
+    if plan is None:
+        return None
+    call = ForwardCall()
+    call.run, call.function, call.packed_metadata = plan.run, plan.function, plan.packed_metadata
+    call.grid, call.constexpr_values, call.name = plan.grid, plan.constexpr_values, plan.name
+    call.out_shape = (*input_ids.shape, token_weight.shape[1])
+    call.static = _forward_static(input_ids, token_weight, position_weight, position_ids, past_length, 0, -1)
+    call.dropout_scale, call.dropout_threshold = dropout_scale, _dropout_threshold(dropout_p, dropout_seed)
+    call.token_scale, call.guard = token_scale, guard
+    active = driver.active
+    call.device_index, call.get_device, call.get_stream = device, active.get_current_device, active.get_current_stream
+    return call
+
+
+class _InterpretedForwardCall:
+    """ForwardCall's interface where there is no binary to plan (Triton's interpreter): each call
+    launches through ``_forward_planned``, i.e. Triton's ordinary launch. So the interpreter tests
+    run the planned path's Python (its keys, autograd node and id-check books) with the kernels'
+    maths; on a GPU the same calls take ForwardCall."""
+
+    device_index = None
+
+    def __init__(self, guard, past_length, dropout_p, dropout_scale, token_scale):
+        self.guard, self.past_length, self.dropout_p = guard, past_length, dropout_p
+        self.dropout_scale, self.token_scale = dropout_scale, token_scale
+
+    @staticmethod
+    def get_device():
+        return None
+
+    @staticmethod
+    def get_stream(_device):
+        return 0  # (no streams: any value but None)
+
+    def __call__(self, stream, input_ids, token_weight, position_weight, position_ids, dropout_seed,
+                 wait_at_next_call):
+        guard = self.guard
+        if guard is not None and guard.pending:
+            guard.before_launch()
+        out = _forward_planned(input_ids, token_weight, position_weight, position_ids, self.past_length,
+                               self.dropout_p, dropout_seed, self.dropout_scale, None if guard is None else guard.flag,
+                               self.token_scale)
+        return out, None if guard is None else guard.after_launch(wait_at_next_call)
+
+
+def _forward_key(device, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                 id_flag, token_scale, token_row_offset, vocab_size, add_positions):
+    # Everything Triton specialises on, given that the tables' columns have unit stride and
+    # out, the seed, the scale and the flag are fresh (aligned) allocations.
+    return (device, input_ids.shape, input_ids.stride(), input_ids.dtype, aligned(input_ids),
+            None if position_ids is None else
+            (position_ids.shape, position_ids.stride(), position_ids.dtype, aligned(position_ids)),
+            token_weight.shape, token_weight.stride(0), token_weight.dtype, aligned(token_weight),
+            position_weight.shape, position_weight.stride(0), aligned(position_weight),
+            int_class(past_length), None if dropout_seed is None else dropout_p, id_flag is None, token_scale is None,
+            None if vocab_size < 0 else (int_class(token_row_offset), int_class(vocab_size), add_positions))
 
 
 @_define_op("tokemb_fast::input_embedding_forward", _forward_planned, mutates_args=("id_flag",))
