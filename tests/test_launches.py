@@ -109,3 +109,47 @@ def test_plain_training_takes_the_direct_path_and_records_no_double_backward_gra
 
 class Subclass(torch.Tensor):
     pass
+
+
+def test_repeated_plain_calls_take_the_planned_forward_with_the_same_results(monkeypatch):
+    # The first call of a layout plans it; later plain eager calls run its PlannedForward
+    # (under the interpreter through Triton's ordinary launch, on a GPU through the binary's
+    # launcher): same outputs, gradients, double backward and id errors as the general path.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    generator = torch.Generator().manual_seed(torch.seed() % 2**32)
+    token_weight = torch.randn(50, 32, generator=generator).to(TRITON_DEVICE).requires_grad_()
+    position_weight = torch.randn(16, 32, generator=generator).to(TRITON_DEVICE).requires_grad_()
+    ids = torch.randint(0, 50, (4, 8), generator=generator).to(TRITON_DEVICE)
+    upstream = torch.randn(4, 8, 32, generator=generator).to(TRITON_DEVICE).requires_grad_()  # grads are linear in it
+
+    def step():
+        out = fused_input_embedding(ids, token_weight, position_weight, padding_idx=3)
+        grads = torch.autograd.grad(out, (token_weight, position_weight), upstream, create_graph=True)
+        second = torch.autograd.grad(grads[0].square().sum() + grads[1].sum(), upstream)
+        return out, grads, second
+
+    first = step()
+    assert type(first[0].grad_fn).__name__ == "FusedInputEmbeddingFunctionBackward"
+    repeated = step()
+    assert type(repeated[0].grad_fn).__name__ == "_PlannedFunctionBackward"
+    for general, planned in zip(first, repeated):
+        for expected, actual in zip(general if isinstance(general, tuple) else (general,),
+                                    planned if isinstance(planned, tuple) else (planned,)):
+            assert torch.equal(expected, actual)
+    reference = torch.nn.functional.embedding(ids, token_weight, padding_idx=3) + position_weight[:8]
+    assert torch.equal(repeated[0], reference)
+    with torch.no_grad():
+        inference = fused_input_embedding(ids, token_weight, position_weight, padding_idx=3)
+        assert torch.equal(inference, reference) and inference.grad_fn is None
+    # A bad id in a planned call: NaN rows, IndexError in its backward before any gradient.
+    bad = ids.clone()
+    bad[1, 2] = 50
+    fused_input_embedding(bad.clone().fill_(0), token_weight, position_weight, padding_idx=3)  # plans bad's layout
+    out = fused_input_embedding(bad, token_weight, position_weight, padding_idx=3)
+    assert type(out.grad_fn).__name__ == "_PlannedFunctionBackward" and out[1, 2].isnan().all()
+    with pytest.raises(IndexError, match="token id 50 is out of range for vocab size 50"):
+        torch.autograd.grad(out.sum(), token_weight)
+    # A dispatch mode takes the general path again.
+    with RecordOps():
+        assert type(fused_input_embedding(ids, token_weight, position_weight, padding_idx=3).grad_fn).__name__ == \
+            "FusedInputEmbeddingFunctionBackward"

@@ -7,7 +7,9 @@ kernels/. On the plain-PyTorch path ``F.embedding + F.embedding`` runs instead (
 
 Every call is checked, but the outcome of the checks that look only at shapes, dtypes, devices
 and options is kept per key (``_prepared``), so a call that repeats an earlier one's shapes
-costs a dict lookup: at the GPT-2 sizes the host time of a call is what users feel.
+costs a dict lookup: at the GPT-2 sizes the host time of a call is what users feel. A repeated
+plain eager call on the Triton path goes further: a second key (strides, alignment) finds its
+``autograd.PlannedForward``, which launches the compiled binary directly (see ``_fused``).
 """
 import os
 import sys

@@ -28,7 +28,7 @@ from triton.runtime.driver import driver
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
-from . import launch
+from . import id_check, launch
 from .launch import CachedKernel, PlanCache, aligned, current_stream, hooks_installed, int_class
 
 #: True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -260,22 +260,29 @@ class ForwardCall:
     a call is an allocation, a launch, and the id check's bookkeeping (``guard``: the device's
     ``tokemb_fast.id_check`` guard, or None when ids are not checked)."""
 
-    __slots__ = ("run", "function", "packed_metadata", "grid", "constexpr_values", "name", "out_shape", "static", "dropout_scale", "dropout_threshold", "token_scale", "guard", "device_index",
-                 "get_device", "get_stream")
+    __slots__ = ("run", "function", "packed_metadata", "grid", "constexpr_values", "name", "out_shape", "static",
+                 "dropout_scale", "dropout_threshold", "token_scale", "guard", "device_index", "get_device",
+                 "get_stream")
 
     def __call__(self, stream, input_ids, token_weight, position_weight, position_ids, dropout_seed,
                  wait_at_next_call):
         """(output, the id check's record or None), as autograd.run_forward returns them."""
         guard = self.guard
-        if guard is not None and guard.pending:
-            guard.before_launch()
+        if guard is not None:
+            pending = guard.pending
+            if pending and (pending[-1].wait_at_next_call or len(pending) > id_check.BACKLOG):
+                guard.before_launch()
         out = token_weight.new_empty(self.out_shape)  # (0.3 us less than torch.empty with dtype and device)
         grid_x, grid_y, grid_z = self.grid
-        # KernelPlan.__call__'s launch, without its frame.
+        ids_strides, position_strides, token_stride, position_stride, ints = self.static
+        # KernelPlan.__call__'s launch of _forward_arguments, without their two frames (a test
+        # compares these arguments with Triton's own launch's: tests/compare_planned_launches.py).
         self.run(grid_x, grid_y, grid_z, stream, self.function, self.packed_metadata, None, None, None,
-                 *_forward_arguments(out, input_ids, position_ids, token_weight, position_weight, self.static,
-                                     dropout_seed, self.dropout_scale, self.dropout_threshold,
-                                     None if guard is None else guard.flag, self.token_scale),
+                 out, input_ids, *ids_strides, input_ids if position_ids is None else position_ids, *position_strides,
+                 token_weight, token_stride, position_weight, position_stride, *ints,
+                 input_ids if dropout_seed is None else dropout_seed,
+                 input_ids if dropout_seed is None else self.dropout_scale, self.dropout_threshold,
+                 input_ids if guard is None else guard.flag, input_ids if self.token_scale is None else self.token_scale,
                  *self.constexpr_values)
         if launch.PATHS is not None:
             launch.PATHS.append((self.name, "call"))
