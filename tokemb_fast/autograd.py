@@ -334,9 +334,7 @@ class PlannedForward:
 
     def stream(self):
         """The stream to launch on, or None where this call must take the general path."""
-        if _dispatch_stack_length() or _peek_interpreter_stack() is not None or \
-                torch.autograd.forward_ad._current_level >= 0 or _triton_ops.hooks_installed() or \
-                (self.cuda and torch.cuda.is_current_stream_capturing()):
+        if not _plain_eager_mode(self.cuda) or _triton_ops.hooks_installed():
             return None
         launch = self.launch
         device = launch.get_device()
@@ -345,6 +343,13 @@ class PlannedForward:
 
 _dispatch_stack_length = torch._C._len_torch_dispatch_stack
 _peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+
+
+def _plain_eager_mode(cuda: bool) -> bool:
+    """No dispatch mode, torch.func transform or forward-mode AD is active, and (for a CUDA call)
+    no CUDA graph is being captured: what a planned forward needs (torch.compile aside)."""
+    return not (_dispatch_stack_length() or _peek_interpreter_stack() is not None or
+                torch.autograd.forward_ad._current_level >= 0 or (cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def planned_forward(input_ids, token_weight, position_weight, position_ids, options: LookupOptions,
@@ -362,8 +367,7 @@ def planned_forward(input_ids, token_weight, position_weight, position_ids, opti
         if table.is_neg() or not (table.stride(1) == 1 or table.shape[1] <= 1):  # _kernel_table would copy
             return False
     device = token_weight.device
-    if torch.compiler.is_compiling() or _dispatch_stack_length() or _peek_interpreter_stack() is not None or \
-            _forward_ad_active() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or not _plain_eager_mode(device.type == "cuda"):
         return None
     planned = PlannedForward()
     planned.options = options

@@ -253,8 +253,8 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
             looked_up = position_ids if position_ids is not None else \
                 default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
             _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type)
+    seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
     if compiling:
-        seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
         return _FusedInputEmbedding.apply(input_ids, token_weight, position_weight, position_ids, options, seed)
     planned_calls = prepared.planned
     planned_key = None
@@ -277,11 +277,9 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
             stream = planned.stream() if planned else None
             if stream is not None:
                 # A repeated plain eager call: its launch is planned (tokemb_fast.autograd.PlannedForward).
-                seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
                 if torch.is_grad_enabled() and (token_weight.requires_grad or position_weight.requires_grad):
                     return apply_planned(input_ids, token_weight, position_weight, position_ids, planned, seed, stream)
                 return planned.launch(stream, input_ids, token_weight, position_weight, position_ids, seed, True)[0]
-    seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
     if (torch.is_grad_enabled() and (token_weight.requires_grad or position_weight.requires_grad)) or \
             _forward_ad_active() or _in_transform():
         out = apply_checked(input_ids, token_weight, position_weight, position_ids, options, seed)

@@ -65,7 +65,7 @@ class _DeviceGuard:
             # The last call was an inference call: its error must surface now. Checking it checks
             # every earlier one too (the flag is sticky).
             self.check(pending[-1])
-        elif len(pending) > BACKLOG:
+        elif len(pending) > _BACKLOG:
             # Training calls whose backward has not come (a forward-only loop with grad enabled):
             # check the newest that has finished, and with it all earlier ones. Launches on one
             # stream finish in order, so a binary search finds it in a few event queries.
@@ -138,7 +138,7 @@ class _DeviceGuard:
 
 
 #: Training calls left for their backward to check before a forward checks them itself.
-BACKLOG = 32
+_BACKLOG = 32
 
 _LATER = (" (found by the kernel, so raised after the launch: in the backward of the call, or at the next "
           "call on this device; pass check_ids='sync' to raise before the launch)")

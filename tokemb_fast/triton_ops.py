@@ -28,7 +28,7 @@ from triton.runtime.driver import driver
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
-from . import id_check, launch
+from . import launch
 from .launch import CachedKernel, PlanCache, aligned, current_stream, hooks_installed, int_class
 
 #: True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -193,7 +193,7 @@ def _forward_layout(n_rows, dim, dtype, has_position_ids, has_dropout, check, ha
 
 def _forward_static(input_ids, token_weight, position_weight, position_ids, past_length, token_row_offset,
                     vocab_size):
-    """The forward's integer arguments, grouped as ``_forward_arguments`` places them between the
+    """The forward's integer arguments, grouped as ``_forward_args`` places them between the
     tensors: all fixed by the shapes, strides and past_length."""
     pos_ids = input_ids if position_ids is None else position_ids
     batch, seq_len = input_ids.shape
@@ -203,24 +203,18 @@ def _forward_static(input_ids, token_weight, position_weight, position_ids, past
              position_weight.shape[0], past_length, token_row_offset, token_weight.shape[0]))
 
 
-def _forward_arguments(out, input_ids, position_ids, token_weight, position_weight, static, dropout_seed,
-                       dropout_scale, dropout_threshold, id_flag, token_scale):
-    """The forward kernel's non-constexpr arguments in signature order (the one place that says it).
-    The kernel never reads position_ids when there are none, nor the seed, scale or flag when
-    off: any pointer will do (the ids': their dtype and alignment are in every key already)."""
-    ids_strides, position_strides, token_stride, position_stride, ints = static
-    return (out, input_ids, *ids_strides, input_ids if position_ids is None else position_ids, *position_strides,
-            token_weight, token_stride, position_weight, position_stride, *ints,
-            input_ids if dropout_seed is None else dropout_seed, input_ids if dropout_seed is None else dropout_scale,
-            dropout_threshold, input_ids if id_flag is None else id_flag, input_ids if token_scale is None else token_scale)
-
-
 def _forward_args(out, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
                   dropout_scale, id_flag, token_scale, token_row_offset, vocab_size):
-    static = _forward_static(input_ids, token_weight, position_weight, position_ids, past_length, token_row_offset,
-                             vocab_size)
-    return _forward_arguments(out, input_ids, position_ids, token_weight, position_weight, static, dropout_seed,
-                              dropout_scale, _dropout_threshold(dropout_p, dropout_seed), id_flag, token_scale)
+    """The forward kernel's non-constexpr arguments in signature order (ForwardCall passes the
+    same, spelled out; tests/compare_planned_launches.py compares the two). The kernel never reads
+    position_ids when there are none, nor the seed, scale or flag when off: any pointer will do
+    (the ids': their dtype and alignment are in every key already)."""
+    ids_strides, position_strides, token_stride, position_stride, ints = _forward_static(
+        input_ids, token_weight, position_weight, position_ids, past_length, token_row_offset, vocab_size)
+    return (out, input_ids, *ids_strides, input_ids if position_ids is None else position_ids, *position_strides,
+            token_weight, token_stride, position_weight, position_stride, *ints,
+            *_dropout_args(dropout_p, dropout_seed, dropout_scale, input_ids),
+            input_ids if id_flag is None else id_flag, input_ids if token_scale is None else token_scale)
 
 
 _forward_plans = PlanCache()
@@ -268,15 +262,13 @@ class ForwardCall:
                  wait_at_next_call):
         """(output, the id check's record or None), as autograd.run_forward returns them."""
         guard = self.guard
-        if guard is not None:
-            pending = guard.pending
-            if pending and (pending[-1].wait_at_next_call or len(pending) > id_check.BACKLOG):
-                guard.before_launch()
+        if guard is not None and guard.pending:
+            guard.before_launch()
         out = token_weight.new_empty(self.out_shape)  # (0.3 us less than torch.empty with dtype and device)
         grid_x, grid_y, grid_z = self.grid
         ids_strides, position_strides, token_stride, position_stride, ints = self.static
-        # KernelPlan.__call__'s launch of _forward_arguments, without their two frames (a test
-        # compares these arguments with Triton's own launch's: tests/compare_planned_launches.py).
+        # KernelPlan.__call__'s launch of _forward_args's arguments, without their two frames (a
+        # test compares these with Triton's own launch's: tests/compare_planned_launches.py).
         self.run(grid_x, grid_y, grid_z, stream, self.function, self.packed_metadata, None, None, None,
                  out, input_ids, *ids_strides, input_ids if position_ids is None else position_ids, *position_strides,
                  token_weight, token_stride, position_weight, position_stride, *ints,
