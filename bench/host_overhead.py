@@ -97,21 +97,21 @@ def use_gpu_id_check_protocol(event_us: float) -> None:
     """Make the CPU id guard run the CUDA protocol: a separate host copy, an event per launch."""
     from tokemb_fast import id_check
 
-    class GpuLikeGuard(id_check._DeviceGuard):
-        def __init__(self, device):
-            super().__init__(device)
+    class GpuLikeGuard(id_check._Guard):
+        def __init__(self, device, stream=None):
+            super().__init__(device, stream)
             self.host = torch.zeros_like(self.flag)
 
-        def after_launch(self, wait_at_next_call, stream=None):
+        def after_launch(self, wait_at_next_call):
             self.host.copy_(self.flag, non_blocking=True)
             event = StandInEvent(event_us)
             event.record()
-            record = id_check._Record(self, event, wait_at_next_call, stream)
+            record = id_check._Record(self, event, wait_at_next_call)
             self.pending.append(record)
             return record
 
-    id_check._DeviceGuard = GpuLikeGuard
-    id_check._guards.clear()
+    id_check._GUARD_CLASS = GpuLikeGuard
+    id_check._thread_guards().clear()
 
 
 def main(argv=None) -> int:

@@ -42,8 +42,11 @@ def call(ids_, token_weight=None, position_weight=None, **kwargs):
 
 ZERO = torch.zeros(1, 3, dtype=torch.int64, device=TRITON_DEVICE)
 CASES = {
-    "ids not int64/int32; a table not a floating-point tensor; past_length, padding_idx or dropout_p of the "
-    "wrong type": [
+    "ids not int64/int32; a table not a floating-point tensor; ids or a table not dense (sparse, nested); "
+    "past_length, padding_idx or dropout_p of the wrong type": [
+        (lambda: call(ZERO.to_sparse()), TypeError, r"input_ids must be a dense \(strided\) tensor"),
+        (lambda: call(ZERO, tables()[0].detach().to_sparse()), TypeError,
+         r"token_weight must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
         (lambda: call(ZERO.float()), TypeError, "input_ids must be an integer tensor"),
         (lambda: call(ZERO.to(torch.uint8)), TypeError, "input_ids must be an integer tensor"),
         (lambda: call(ZERO, torch.zeros(10, 4, dtype=torch.int64, device=TRITON_DEVICE)), TypeError,

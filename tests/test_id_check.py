@@ -143,7 +143,7 @@ def test_checked_forward_does_not_wait_for_the_gpu(module):
 @pytest.mark.skipif(not triton_ops.INTERPRETED, reason="CPU twin (aot_eager through the interpreted kernels); on a "
                                                        "GPU, Inductor: see test_compile.py")
 def test_a_compiled_call_records_bad_ids_for_a_later_check(module):
-    module(good_ids()).sum().backward()  # an eager call makes the device's flag
+    module(good_ids()).sum().backward()  # an eager call makes the device's graph flag
     compiled = torch.compile(lambda ids: module(ids).square().mean(), backend="aot_eager", fullgraph=True)
     assert torch.isfinite(compiled(good_ids()))
     check_ids_now()
@@ -154,8 +154,8 @@ def test_a_compiled_call_records_bad_ids_for_a_later_check(module):
 
 @requires_cuda
 def test_a_captured_cuda_graph_with_the_default_check_records_bad_ids(module):
-    # The default check has no host sync, so a step captures; replays write the flag, and the next
-    # eager call (or check_ids_now) raises.
+    # The default check has no host sync, so a step captures; replays write the device's graph flag,
+    # which check_ids_now raises.
     module.cuda()
     ids = torch.randint(0, 10, (2, 3), device="cuda")
     graphed = torch.cuda.make_graphed_callables(module, (ids,))  # warms up first (makes the flag)

@@ -60,7 +60,11 @@ def _constant(value: float, device: torch.device, cache: bool) -> torch.Tensor:
     key = (value, device)
     constant = _constants.get(key) if cache else None
     if constant is None:
-        constant = torch.full((1,), value, dtype=torch.float64, device=device)
+        if cache:
+            # Kept for later calls in any mode: a plain tensor (not an inference tensor).
+            constant = id_check.new_persistent(lambda: torch.full((1,), value, dtype=torch.float64, device=device))
+        else:
+            constant = torch.full((1,), value, dtype=torch.float64, device=device)
         if cache:
             if len(_constants) >= 256:
                 _constants.clear()
@@ -80,6 +84,13 @@ def _direct(*tensors) -> bool:
     the launchers run without the custom-op dispatch (tokemb_fast.triton_ops)."""
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0 and \
         all(type(tensor) in _PLAIN for tensor in tensors)
+
+
+def _fake_mode_active() -> bool:
+    """A FakeTensorMode is on: nothing runs, so there is nothing for the id check to record."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    return any(isinstance(mode, FakeTensorMode) for mode in _get_current_dispatch_mode_stack())
 
 
 def _in_transform() -> bool:
@@ -140,7 +151,7 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
     guard = flag = None
     check = options.check_ids
     if check is True:
-        if plain:
+        if plain and not (not direct and _fake_mode_active()):
             flag, guard = id_check.flag_for_launch(device)
         elif compiling:
             # The compiled graph writes the device's flag (an input it mutates); an eager call or
@@ -164,7 +175,7 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
                      dropout_seed, scale, flag, token_scale, shard.row_offset, shard.vocab_size, shard.add_positions)
     record = None
     if guard is not None:
-        record = guard.after_launch(wait_at_next_call, ops.current_stream()[1])
+        record = guard.after_launch(wait_at_next_call)
     return (out[0] if one_dim else out), record
 
 
@@ -182,14 +193,21 @@ def _check_call(input_ids, token_weight, position_weight, position_ids, options,
     if torch.compiler.is_compiling():
         key = None
     else:
-        key = (input_ids.shape, input_ids.dtype, input_ids.device, token_weight.shape, token_weight.dtype,
-               token_weight.device, position_weight.shape, position_weight.dtype, position_weight.device,
-               None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
-               options, dropout_seed is None)
-        if key in _checked:
-            return
+        try:
+            key = (input_ids.shape, input_ids.dtype, input_ids.device, input_ids.layout, token_weight.shape,
+                   token_weight.dtype, token_weight.device, token_weight.layout, position_weight.shape,
+                   position_weight.dtype, position_weight.device, position_weight.layout,
+                   None if position_ids is None else
+                   (position_ids.shape, position_ids.dtype, position_ids.device, position_ids.layout),
+                   options, dropout_seed is None)
+            if key in _checked:
+                return
+        except (AttributeError, TypeError, RuntimeError):  # not tensors, or nested ones: the checks say what
+            key = None
     check_inputs(input_ids, token_weight, position_weight, position_ids, options.past_length)
     check_lookup_options(options, token_weight.shape[0], position_weight.shape[0])
+    if token_weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_cpu_launch()
     if options.dropout_p > 0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 needs the call's dropout_seed (tokemb_fast.dropout_seed(device)); "
                          "fused_input_embedding draws one for you")
@@ -197,6 +215,20 @@ def _check_call(input_ids, token_weight, position_weight, position_ids, options,
         if len(_checked) > 4096:
             _checked.clear()
         _checked[key] = True
+
+
+def _check_cpu_launch() -> None:
+    """The Function is the Triton path: on CPU tensors it needs the interpreter (or a Triton driver
+    set up for them, as bench/compile_report.py's stand-in is); otherwise the message
+    backend="triton" gets, rather than Triton's own about active drivers."""
+    from .functional import CPU_NEEDS_INTERPRETER, interpreted  # (functional imports this module)
+    if interpreted():
+        return
+    from triton.runtime.driver import driver
+    try:
+        driver.active
+    except RuntimeError:
+        raise RuntimeError(CPU_NEEDS_INTERPRETER) from None
 
 
 def apply_checked(input_ids, token_weight, position_weight, position_ids, options, dropout_seed):
@@ -373,11 +405,11 @@ def planned_forward(input_ids, token_weight, position_weight, position_ids, opti
     planned.options = options
     planned.table_shapes = (token_weight.shape, position_weight.shape)
     planned.cuda = device.type == "cuda"
-    scale = None if seed is None else _dropout_scale(options.dropout_p, device, cache=False)
-    token_scale = None if options.token_scale == 1.0 else _constant(options.token_scale, device, cache=False)
+    # (Cached constants: plain tensors, whatever mode this call runs in; the plan serves all modes.)
+    scale = None if seed is None else _dropout_scale(options.dropout_p, device, cache=True)
+    token_scale = None if options.token_scale == 1.0 else _constant(options.token_scale, device, cache=True)
     planned.launch = _ops().forward_call(input_ids, token_weight, position_weight, position_ids, options.past_length,
-                                         options.dropout_p, seed, scale,
-                                         id_check.guard(device) if options.check_ids else None, token_scale)
+                                         options.dropout_p, seed, scale, bool(options.check_ids), token_scale)
     return None if planned.launch is None else planned
 
 

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .id_check import new_persistent
 from .autograd import (_forward_ad_active, _FusedInputEmbedding, _in_transform, apply_checked, apply_planned, dropout_seed,
                        planned_forward, run_forward)
 from .options import LookupOptions, TableOptions, check_mode
@@ -45,8 +46,11 @@ def interpreted() -> bool:
     """Whether Triton kernels run on Triton's CPU interpreter in this process (decided when the
     kernels are first imported, from TRITON_INTERPRET)."""
     triton_ops = sys.modules.get("tokemb_fast.triton_ops")
-    if triton_ops is not None:
-        return triton_ops.INTERPRETED
+    # (A module another thread is still importing has no INTERPRETED yet: it is deciding it from
+    # the same variable.)
+    decided = getattr(triton_ops, "INTERPRETED", None)
+    if decided is not None:
+        return decided
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -79,10 +83,12 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if not triton_available():
         raise RuntimeError(f"backend 'triton' was asked for but Triton cannot be imported: {_TRITON_IMPORT_ERROR}")
     if device.type == "cpu" and not interpreted():
-        raise RuntimeError(
-            "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
-            "environment before importing tokemb_fast")
+        raise RuntimeError(CPU_NEEDS_INTERPRETER)
     return "triton"
+
+
+CPU_NEEDS_INTERPRETER = ("backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                         "environment before importing tokemb_fast")
 
 
 #: What ``backend_name`` and ``FusedInputEmbedding.last_backend`` report.
@@ -205,16 +211,17 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
     prepared = key = None
     if not compiling:
         try:
-            key = (backend, _backend_variable(), input_ids.shape, input_ids.dtype, input_ids.device,
-                   token_weight.shape, token_weight.dtype, token_weight.device, position_weight.shape,
-                   position_weight.dtype, position_weight.device,
-                   None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
+            key = (backend, _backend_variable(), input_ids.shape, input_ids.dtype, input_ids.device, input_ids.layout,
+                   token_weight.shape, token_weight.dtype, token_weight.device, token_weight.layout,
+                   position_weight.shape, position_weight.dtype, position_weight.device, position_weight.layout,
+                   None if position_ids is None else
+                   (position_ids.shape, position_ids.dtype, position_ids.device, position_ids.layout),
                    # Types too: True == 1 and hashes alike, but only one of them is a valid past_length.
                    past_length, type(past_length), table_options, tuple(map(type, table_options)), dropout_p,
                    type(dropout_p), check_ids, type(check_ids), token_scale, type(token_scale), shard)
             prepared = _prepared.get(key)
-        except (AttributeError, TypeError):  # not tensors, or unhashable options: the checks say what
-            key = None
+        except (AttributeError, TypeError, RuntimeError):  # not tensors, nested ones, unhashable options:
+            key = None                                         # the checks say what
     if prepared is None:
         prepared = _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
                             dropout_p, check_ids, token_scale, backend, shard)
@@ -229,13 +236,23 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
         if check_ids and not prepared.check_on_error:
             check_id_ranges(input_ids, token_weight.shape[0] if shard is None else shard.vocab_size, position_ids,
                             position_weight.shape[0])
-        try:
-            out = _plain_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared,
-                             table_options)
-        except IndexError:
-            if prepared.check_on_error:  # raise ours, naming the bad id and the limit
-                check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
-            raise
+        if not check_ids and shard is None and (prepared.renorm or token_weight.device.type not in ("cpu", "meta")):
+            # Unchecked: bad ids give NaN rows, as on the Triton path. (On a GPU F.embedding would
+            # stop the process with a device-side assert; max_norm would renormalise by them.)
+            out = _plain_sum_unchecked(input_ids, token_weight, position_weight, position_ids, past_length, prepared,
+                                       table_options)
+        else:
+            try:
+                out = _plain_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared,
+                                 table_options)
+            except IndexError:
+                if check_ids or shard is not None:
+                    if prepared.check_on_error:  # raise ours, naming the bad id and the limit
+                        check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
+                    raise
+                # Unchecked, and F.embedding's own check found a bad id: NaN rows instead.
+                out = _plain_sum_unchecked(input_ids, token_weight, position_weight, position_ids, past_length,
+                                           prepared, table_options)
         # A different random stream from the kernels' (PyTorch's CPU/CUDA generator vs Philox in Triton).
         return F.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
 
@@ -248,28 +265,29 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
         if check_ids:
             check_id_ranges(input_ids, token_weight.shape[0], position_ids, position_weight.shape[0])
         if max_norm is not None:
-            _renorm_rows(token_weight, input_ids, max_norm, norm_type)
+            _renorm_rows(token_weight, input_ids, max_norm, norm_type, checked=bool(check_ids))
         if position_max_norm is not None:
             looked_up = position_ids if position_ids is not None else \
                 default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
-            _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type)
+            _renorm_rows(position_weight, looked_up, position_max_norm, position_norm_type, checked=bool(check_ids))
     seed = dropout_seed(token_weight.device) if options.dropout_p > 0 else None
     if compiling:
         return _FusedInputEmbedding.apply(input_ids, token_weight, position_weight, position_ids, options, seed)
     planned_calls = prepared.planned
     planned_key = None
+    if planned_calls is not None and not (type(input_ids) is torch.Tensor and type(token_weight) in _PLAIN_TABLES and
+                                          type(position_weight) in _PLAIN_TABLES and
+                                          (position_ids is None or type(position_ids) is torch.Tensor)):
+        planned_calls = None  # tensor subclasses (FakeTensor, a torch.func wrapper) take the general path
     if planned_calls is not None:
         try:
-            # What a PlannedForward depends on beyond the _prepared key: the tensors' types,
-            # strides, 16-byte alignment and negative bits. data_ptr raises RuntimeError for a
-            # tensor without storage (batched by legacy vmap, a dead torch.func wrapper): those
-            # take the general path.
-            planned_key = (type(input_ids), input_ids.stride(), input_ids.data_ptr() & 15 == 0,
-                           type(token_weight), token_weight.stride(), token_weight.data_ptr() & 15 == 0,
-                           token_weight.is_neg(), type(position_weight), position_weight.stride(),
+            # What a PlannedForward depends on beyond the _prepared key: the tensors' strides, 16-byte
+            # alignment and negative bits. data_ptr raises RuntimeError for a tensor without storage
+            # (batched by legacy vmap, a dead torch.func wrapper): those take the general path.
+            planned_key = (input_ids.stride(), input_ids.data_ptr() & 15 == 0, token_weight.stride(),
+                           token_weight.data_ptr() & 15 == 0, token_weight.is_neg(), position_weight.stride(),
                            position_weight.data_ptr() & 15 == 0, position_weight.is_neg(),
-                           None if position_ids is None else
-                           (type(position_ids), position_ids.stride(), position_ids.data_ptr() & 15 == 0))
+                           None if position_ids is None else (position_ids.stride(), position_ids.data_ptr() & 15 == 0))
         except RuntimeError:
             planned_calls = None
         else:
@@ -334,14 +352,58 @@ _positions = {}
 
 def _default_positions(seq_len: int, past_length: int, device: torch.device) -> torch.Tensor:
     # arange(T) + past_length, kept per (T, past_length, device): a read-only index tensor that
-    # every call with that shape would otherwise allocate and fill again.
+    # every call with that shape would otherwise allocate and fill again. What is kept must serve
+    # every later call: a plain tensor, made outside inference mode (a call with grad could not
+    # save an inference tensor for its backward). Under a dispatch mode (FakeTensorMode, a
+    # recording mode) the call gets its own, made in that mode, and nothing is kept.
+    if _dispatch_stack_length():
+        return default_position_ids(seq_len, past_length, device)
     key = (seq_len, past_length, device)
     positions = _positions.get(key)
     if positions is None:
         if len(_positions) >= 256:
             _positions.clear()
-        positions = _positions[key] = default_position_ids(seq_len, past_length, device)
+        positions = _positions[key] = new_persistent(lambda: default_position_ids(seq_len, past_length, device))
     return positions
+
+
+_dispatch_stack_length = torch._C._len_torch_dispatch_stack
+
+
+def _plain_sum_unchecked(input_ids, token_weight, position_weight, position_ids, past_length, prepared,
+                         table_options):
+    """_plain_sum where ids outside a table give a NaN row (and no gradient), as the kernels do with
+    check_ids=False, instead of an error."""
+    (_, max_norm, norm_type, scale_grad_by_freq, sparse, _, position_max_norm, position_norm_type,
+     position_scale_grad_by_freq, position_sparse) = table_options
+    options = prepared.options
+    if position_ids is not None and input_ids.dim() == 1 and position_ids.dim() == 2:
+        position_ids = position_ids[0]
+    tokens = _lookup_or_nan(input_ids, token_weight, options.token.padding_idx, max_norm, norm_type,
+                            scale_grad_by_freq, sparse)
+    if position_ids is None:  # (past_length + T was checked: every default position is in the table)
+        position_ids = default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
+    positions = _lookup_or_nan(position_ids, position_weight, options.position.padding_idx, position_max_norm,
+                               position_norm_type, position_scale_grad_by_freq, position_sparse)
+    return (tokens if options.token_scale == 1.0 else tokens * options.token_scale) + positions
+
+
+def _lookup_or_nan(ids, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse):
+    """F.embedding with these options, except that an id outside the table gives a NaN row and adds
+    no gradient (nor a count for scale_grad_by_freq, nor a renormalised row)."""
+    num_rows, dim = weight.shape
+    valid = (ids >= 0) & (ids < num_rows)
+    if num_rows > 0 and max_norm is None and not scale_grad_by_freq and not sparse:
+        # Bad ids read row 0, whose values are then replaced and whose gradient there is zero: no
+        # host sync, so a CUDA step stays capturable.
+        rows = F.embedding(torch.where(valid, ids, 0), weight, padding_idx)
+    else:
+        # Only the valid ids are looked up, so that counts, renormalised rows and sparse gradients
+        # are those of the valid ids alone (nonzero: a host sync on a GPU).
+        selected = valid.nonzero(as_tuple=True)
+        rows = weight.new_zeros((*ids.shape, dim)).index_put(
+            selected, F.embedding(ids[selected], weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse))
+    return rows.masked_fill(~valid.unsqueeze(-1), float("nan"))
 
 
 def _plain_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared, table_options):
@@ -415,7 +477,10 @@ class _ZeroWithGradient(torch.autograd.Function):
         return grad
 
 
-def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float) -> None:
+def _renorm_rows(weight: torch.Tensor, ids: torch.Tensor, max_norm: float, norm_type: float, checked: bool) -> None:
+    if not checked:
+        # Unchecked ids: only the rows that exist are renormalised (the others' rows are NaN).
+        ids = ids[(ids >= 0) & (ids < weight.shape[0])]
     if ids.numel() == 0:  # nothing to renormalise, and PyTorch's CUDA kernel rejects an empty index
         return
     with torch.no_grad():

@@ -3,19 +3,36 @@
 Checking ids before a launch means reading them on the host: one sync with the GPU queue per
 call (0.28 ms per forward on an H100, bench/RESULTS.md). Instead, with ``check_ids=True`` (the
 default), the forward kernel, which reads every id anyway, records any id outside its table in a
-small per-device flag (int64 [ID_FLAG_SIZE], see kernels/forward.py for the layout); its output
-row is NaN. After the launch the flag is copied to pinned host memory (an asynchronous copy) and
-an event recorded. The host looks at that copy, after waiting for that event only (never the
-whole queue), and raises ``IndexError`` naming the id and the limit:
+small flag (int64 [ID_FLAG_SIZE], see kernels/forward.py for the layout); its output row is NaN.
+After the launch the flag is copied to pinned host memory (an asynchronous copy) and an event
+recorded. The host looks at that copy, after waiting for that event only (never the whole
+queue), and raises ``IndexError`` naming the id and the limit:
 
 * in the backward of that call, before any gradient is returned: nothing trains on the NaN rows;
-* for a call with no backward coming (inference), at the latest at the next call on that device;
-* for a call in a captured CUDA graph or a torch.compile'd graph, at the next eager call on that
-  device, or when ``check_ids_now()`` is called: the flag keeps what the graph recorded.
+* for a call with no backward coming (inference), at the latest at the next call on that device
+  made by the same thread;
+* when ``check_ids_now()`` is called in that thread.
+
+**Who owns a flag.** Eager calls write a flag owned by the launching thread and its current stream
+(a ``_Guard``, kept in a thread-local table): one thread's bad id is never raised in another
+thread, never lost because another thread cleared a shared flag, and the flag of one stream is
+never cleared by work queued on another. A thread that makes calls on several streams of one
+device has one guard per stream; its next call on the device checks the pending inference calls of
+all of them.
+
+Calls inside a captured CUDA graph or a ``torch.compile``'d graph cannot know which thread will
+replay them: they write the device's *graph flag* (made by the first eager call on the device, as a
+graph cannot allocate it), which ``check_ids_now()`` reads (a sync) in whichever thread calls it.
+Exported graphs (``torch.export``) write no flag at all: an exported program must be a pure
+function (their bad rows are still NaN).
 
 The flag is sticky: once an id is recorded it stays until the error has been raised, then it is
 cleared. On CPU tensors (Triton's interpreter) the kernel has finished when the launch returns,
 so the same protocol runs with the flag itself as the host copy and no events.
+
+Every tensor here is made outside inference mode and outside any dispatch mode (FakeTensorMode,
+a debugging mode): a flag lives as long as its thread and must serve every later call, whatever
+mode that call runs in.
 """
 import collections
 import threading
@@ -29,46 +46,69 @@ from torch.utils._python_dispatch import _disable_current_modes
 #: position-table size of the call that recorded them.
 ID_FLAG_SIZE = 6
 
-_guards: Dict[torch.device, "_DeviceGuard"] = {}
-_lock = threading.Lock()
+#: Training calls left for their backward to check before a forward checks them itself.
+_BACKLOG = 32
+
+_LATER = (" (found by the kernel, so raised after the launch: in the backward of the call, or at the next "
+          "call on this device in this thread; pass check_ids='sync' to raise before the launch)")
+
+
+def new_persistent(factory):
+    """``factory()``'s tensor made as a plain tensor: outside inference mode (an inference tensor
+    could not be written or saved for backward by later calls outside it) and outside any dispatch
+    mode (a FakeTensor would serve no real call). For what caches and flags keep across calls."""
+    with torch.inference_mode(False), _disable_current_modes():
+        return factory()
 
 
 class _Record:
-    """One checked launch: where its flag copy will be, and whether the next call must wait for it."""
+    """One checked launch: whether its host copy has been looked at, and whether the next call
+    of its thread must look at it."""
 
-    __slots__ = ("guard", "event", "wait_at_next_call", "stream", "checked")
+    __slots__ = ("guard", "event", "wait_at_next_call", "checked")
 
-    def __init__(self, guard, event, wait_at_next_call, stream=None):
+    def __init__(self, guard, event, wait_at_next_call):
         self.guard = guard
         self.event = event
         self.wait_at_next_call = wait_at_next_call
-        self.stream = stream  # the launch's stream handle, where the caller knows it
         self.checked = False
 
 
-class _DeviceGuard:
-    def __init__(self, device: torch.device):
+class _Guard:
+    """The flag of one (thread, device, stream), its host copy and its launches not yet checked.
+
+    Launches of one stream finish in order, so waiting for a record's event waits for every
+    earlier record of the guard. The owning thread launches; the check of a record may run in
+    another thread (autograd runs a CUDA backward on its device thread), hence the lock."""
+
+    def __init__(self, device: torch.device, stream=None):
         self.device = device
-        self.flag = torch.zeros(ID_FLAG_SIZE, dtype=torch.int64, device=device)
+        self.stream = stream  # the CUDA stream handle the launches go to (None: the interpreter's)
         self.cuda = device.type == "cuda"
+        self.flag = new_persistent(lambda: torch.zeros(ID_FLAG_SIZE, dtype=torch.int64, device=device))
         # The interpreter's kernels run synchronously on CPU tensors: the flag is its own copy.
-        self.host = torch.zeros(ID_FLAG_SIZE, dtype=torch.int64, pin_memory=True) if self.cuda else self.flag
+        self.host = new_persistent(lambda: torch.zeros(ID_FLAG_SIZE, dtype=torch.int64, pin_memory=True)) \
+            if self.cuda else self.flag
         self.pending = collections.deque()
         self.free_events = []
+        self.lock = threading.Lock()
 
     def before_launch(self) -> None:
         """Raise for an earlier call whose error must surface now (see the module docstring)."""
         pending = self.pending
         if not pending:
             return
-        if pending[-1].wait_at_next_call:
+        newest = pending[-1]
+        if newest.wait_at_next_call:
             # The last call was an inference call: its error must surface now. Checking it checks
             # every earlier one too (the flag is sticky).
-            self.check(pending[-1])
+            self.check(newest)
         elif len(pending) > _BACKLOG:
             # Training calls whose backward has not come (a forward-only loop with grad enabled):
             # check the newest that has finished, and with it all earlier ones. Launches on one
             # stream finish in order, so a binary search finds it in a few event queries.
+            with self.lock:
+                pending = list(self.pending)
             finished = None
             low, high = 0, len(pending) - 1
             while low <= high:
@@ -81,67 +121,79 @@ class _DeviceGuard:
             if finished is not None:
                 self.check(finished, finished=True)
 
-    def after_launch(self, wait_at_next_call: bool, stream=None) -> _Record:
+    def after_launch(self, wait_at_next_call: bool) -> _Record:
         event = None
         if self.cuda:
             self.host.copy_(self.flag, non_blocking=True)
             event = self.free_events.pop() if self.free_events else torch.cuda.Event()
             event.record()
-        record = _Record(self, event, wait_at_next_call, stream)
+        record = _Record(self, event, wait_at_next_call)
         self.pending.append(record)
         return record
 
     def check(self, record: _Record, finished: bool = False) -> None:
-        """Wait for ``record``'s launch (and the ones before it) and raise if an id was bad.
-        ``finished``: its event has been seen complete already."""
-        pending = self.pending
-        waited = False
-        while pending and not record.checked:
-            oldest = pending.popleft()
-            oldest.checked = True
-            waited = True
-            event = oldest.event
-            if event is not None:
-                # An earlier launch on the same (known) stream has finished when this one has:
-                # only this one and launches on other or unknown streams are waited for.
-                if (oldest is record and not finished) or \
-                        (oldest is not record and (oldest.stream is None or oldest.stream != record.stream)):
-                    event.synchronize()
-                self.free_events.append(event)
-        if waited:
-            # The host copy of the last launch waited for: the flag is sticky, so it holds every
-            # id recorded by the launches before it too.
+        """Wait for ``record``'s launch (and so the earlier ones of this stream) and raise if an
+        id was bad. ``finished``: its event has been seen complete already."""
+        with self.lock:
+            if record.checked:
+                return
+            if record.event is not None and not finished:
+                record.event.synchronize()
+            pending = self.pending
+            while pending:
+                oldest = pending.popleft()
+                oldest.checked = True
+                if oldest.event is not None:
+                    self.free_events.append(oldest.event)
+                if oldest is record:
+                    break
+            # The host copy of the launch waited for: the flag is sticky, so it holds every id
+            # recorded by the launches before it too.
             self._raise_if_recorded(self.host.tolist())
 
     def check_now(self) -> None:
         """Read the device flag itself (a sync) and raise if an id was ever recorded."""
-        for record in self.pending:
-            record.checked = True
-            if record.event is not None:
-                self.free_events.append(record.event)
-        self.pending.clear()
-        self._raise_if_recorded(self.flag.tolist())
+        with self.lock:
+            for record in self.pending:
+                record.checked = True
+                if record.event is not None:
+                    self.free_events.append(record.event)
+            self.pending.clear()
+            self._raise_if_recorded(self.flag.tolist())
 
     def _raise_if_recorded(self, values) -> None:
-        low_token, high_token, low_position, high_position, vocab_size, num_positions = values
-        if not (low_token or high_token or low_position or high_position):
+        if not (values[0] or values[1] or values[2] or values[3]):
             return
-        self.flag.zero_()
-        if self.cuda:
-            self.host.zero_()
+        self._clear()
         for record in self.pending:
             record.checked = True
         self.pending.clear()
-        if low_token or high_token:
-            raise IndexError(token_error(low_token or high_token, vocab_size) + _LATER)
-        raise IndexError(position_error(low_position or high_position, num_positions) + _LATER)
+        raise IndexError(flag_error(values) + _LATER)
+
+    def _clear(self) -> None:
+        if self.cuda:
+            # On the guard's own stream: ordered after its launches, before its next ones.
+            with torch.cuda.stream(torch.cuda.ExternalStream(self.stream, device=self.device)) \
+                    if self.stream is not None else _no_context():
+                self.flag.zero_()
+            self.host.zero_()
+        else:
+            self.flag.zero_()
 
 
-#: Training calls left for their backward to check before a forward checks them itself.
-_BACKLOG = 32
+class _no_context:
+    def __enter__(self):
+        return None
 
-_LATER = (" (found by the kernel, so raised after the launch: in the backward of the call, or at the next "
-          "call on this device; pass check_ids='sync' to raise before the launch)")
+    def __exit__(self, *exc_info):
+        return False
+
+
+def flag_error(values) -> str:
+    low_token, high_token, low_position, high_position, vocab_size, num_positions = values
+    if low_token or high_token:
+        return token_error(low_token or high_token, vocab_size)
+    return position_error(low_position or high_position, num_positions)
 
 
 def token_error(bad_id: int, vocab_size: int) -> str:
@@ -153,58 +205,114 @@ def position_error(bad_position: int, num_positions: int) -> str:
             f"(context_length {num_positions}, valid positions are 0..{num_positions - 1})")
 
 
+# --- whose guard: the calling thread's, by (device, stream) --------------------------------------
+
+_local = threading.local()
+#: What makes a guard (bench/host_overhead.py substitutes one that runs the CUDA protocol on CPU).
+_GUARD_CLASS = _Guard
+
+
+def _thread_guards() -> Dict[tuple, _Guard]:
+    try:
+        return _local.guards
+    except AttributeError:
+        _local.guards = guards = {}
+        return guards
+
+
+def guard(device: torch.device, stream=None) -> _Guard:
+    """The calling thread's guard for launches on (``device``, ``stream``), made on first use, with
+    the checks due before a launch done: an earlier inference call of this thread on this device
+    (on any of its streams) raises now."""
+    guards = _thread_guards()
+    found = guards.get((device, stream))
+    if found is None:
+        found = guards[(device, stream)] = _GUARD_CLASS(device, stream)
+        _ensure_graph_flag(device)
+    if len(guards) > 1:
+        for other in list(guards.values()):
+            if other is not found and other.pending and other.device == device and \
+                    other.pending[-1].wait_at_next_call:
+                other.check(other.pending[-1])
+    if found.pending:
+        found.before_launch()
+    return found
+
+
+def existing_guard(device: torch.device, stream=None) -> Optional[_Guard]:
+    """The calling thread's guard for (``device``, ``stream``; default: the current stream), or None."""
+    device = torch.device(device)
+    return _thread_guards().get((device, launch_stream(device) if stream is None else stream))
+
+
+def launch_stream(device: torch.device):
+    """The stream handle a launch on ``device`` goes to now (None on CPU tensors)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# --- graphs: one flag per device, not owned by a thread -----------------------------------------
+
+_graph_flags: Dict[torch.device, torch.Tensor] = {}
+_graph_lock = threading.Lock()
+
+
+def _ensure_graph_flag(device: torch.device) -> None:
+    if device not in _graph_flags:
+        with _graph_lock:
+            if device not in _graph_flags:
+                _graph_flags[device] = new_persistent(
+                    lambda: torch.zeros(ID_FLAG_SIZE, dtype=torch.int64, device=device))
+
+
 def flag_for_launch(device: torch.device):
-    """(the flag to pass to the forward kernel or None, the guard to record the launch with or None).
+    """(the flag to pass to the forward kernel or None, the guard to record the launch with or None)
+    for an eager launch on ``device``'s current stream.
 
     While a CUDA graph is being captured nothing may wait or read, so the launch only writes the
-    flag (each replay will), and an eager call or check_ids_now() reads it later. A flag is not
+    device's graph flag (each replay will), which check_ids_now() reads. The graph flag is not
     created during a capture (its memory would belong to the graph's pool): warm up first, as
     CUDA graph capture wants anyway; a call captured without one is not checked.
     """
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        found = _guards.get(device)
-        return (None if found is None else found.flag), None
-    found = guard(device)
-    found.before_launch()
+        return _graph_flags.get(device), None
+    found = guard(device, launch_stream(device))
     return found.flag, found
 
 
 def compiled_flag(device: torch.device) -> Optional[torch.Tensor]:
-    """The flag a torch.compile'd call writes: the device's, if an eager call has made it."""
-    found = _guards.get(device)
-    return None if found is None else found.flag
+    """The flag a torch.compile'd call writes: the device's graph flag, if an eager call has made
+    it. None while exporting: an exported program writes no state."""
+    if torch.compiler.is_exporting():
+        return None
+    return _graph_flags.get(device)
 
 
-def guard(device: torch.device) -> _DeviceGuard:
-    """The flag and pending checks of ``device`` (created on first use)."""
-    found = _guards.get(device)
-    if found is None:
-        with _lock:
-            found = _guards.get(device)
-            if found is None:
-                # Outside any dispatch mode (a recording or debugging mode the call runs under):
-                # the flag lives as long as the process.
-                with _disable_current_modes():
-                    found = _guards[device] = _DeviceGuard(device)
-    return found
-
-
-def existing_guard(device: torch.device) -> Optional[_DeviceGuard]:
-    return _guards.get(device)
+def _check_graph_flag(flag: torch.Tensor) -> None:
+    with _graph_lock:
+        values = flag.tolist()
+        if not (values[0] or values[1] or values[2] or values[3]):
+            return
+        flag.zero_()
+    raise IndexError(flag_error(values) + " (found by the kernel in a compiled or captured graph; raised by "
+                     "check_ids_now())")
 
 
 def check_ids_now(device=None) -> None:
-    """Raise ``IndexError`` now if any checked call on ``device`` (default: every device used) looked
-    up an id outside its table and the error has not been raised yet. Waits for the device (a host
-    sync): call it where that is cheap, e.g. after a captured CUDA graph's replays or a compiled
-    step, whose own checks cannot raise."""
-    if device is None:
-        guards = list(_guards.values())
-    else:
+    """Raise ``IndexError`` now if a checked call of this thread on ``device`` (default: every
+    device) looked up an id outside its table and the error has not been raised yet, or if a
+    compiled or captured graph on that device did (graphs belong to no thread: whichever thread
+    calls this gets their error). Waits for the device (a host sync): call it where that is
+    cheap, e.g. after a captured CUDA graph's replays or a compiled step, whose own checks cannot
+    raise. Other threads' eager calls are theirs to check."""
+    if device is not None:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        found = _guards.get(device)
-        guards = [] if found is None else [found]
-    for found in guards:
-        found.check_now()
+    for found in list(_thread_guards().values()):
+        if device is None or found.device == device:
+            found.check_now()
+    for flag_device, flag in list(_graph_flags.items()):
+        if device is None or flag_device == device:
+            _check_graph_flag(flag)

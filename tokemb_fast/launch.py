@@ -11,7 +11,7 @@ launch made the ordinary way (so Triton compiles, autotunes and picks the binary
 ``KernelPlan`` holding the binary, its grid and constexprs, which later calls with the same key
 hand to Triton's launcher directly, in a few us. The key must determine everything Triton
 specializes on: every integer argument exactly or by its class (``int_class``), every pointer's
-dtype and alignment (``aligned``), every constexpr and launch option. tests/test_cached_launch.py
+dtype and alignment (``aligned``), every constexpr and launch option. tests/compare_planned_launches.py
 checks, under a stand-in GPU driver, that planned and ordinary launches run the same binaries
 with the same grids and arguments.
 
@@ -20,6 +20,7 @@ Where the internals differ from the ones this was written against (Triton outsid
 interpreter), every launch takes Triton's ordinary path.
 """
 import os
+import threading
 from typing import Optional
 
 import triton
@@ -37,6 +38,9 @@ _VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2] if part
 #: Whether plans are made at all (TOKEMB_FAST_CACHED_LAUNCH=0 turns them off).
 ENABLED = not INTERPRETED and SUPPORTED_TRITON[0] <= _VERSION <= SUPPORTED_TRITON[1] and \
     os.environ.get("TOKEMB_FAST_CACHED_LAUNCH", "1") != "0"
+
+#: Held by every interpreted launch (compiled launches never take it).
+INTERPRETER_LOCK = threading.Lock()
 
 #: When a list, every launch appends (kernel name, "planned" | "triton"): tests read which path ran.
 PATHS = None
@@ -112,6 +116,14 @@ class CachedKernel:
         order; ``grid`` a tuple or, for an autotuned kernel, a callable of the meta-parameters;
         ``constexprs`` the constexpr parameters and launch options (num_warps). Returns a plan
         for later launches with the same specialisation, or None where plans are off."""
+        if INTERPRETED:
+            # Triton's interpreter keeps the launch it runs in module globals (the grid, the
+            # program ids): two threads' launches at once would mix them up.
+            with INTERPRETER_LOCK:
+                self.kernel[grid](*args, **constexprs)
+            if PATHS is not None:
+                PATHS.append((self.name, "triton"))
+            return None
         binary = self.kernel[grid](*args, **constexprs)
         if PATHS is not None:
             PATHS.append((self.name, "triton"))
@@ -132,9 +144,11 @@ class PlanCache(dict):
     def __init__(self, limit: int = 512):
         super().__init__()
         self.limit = limit
+        self._lock = threading.Lock()
 
     def add(self, key, value):
-        if len(self) >= self.limit:
-            del self[next(iter(self))]
-        self[key] = value
+        with self._lock:  # (two threads' first calls may add at once)
+            if len(self) >= self.limit:
+                del self[next(iter(self))]
+            self[key] = value
         return value

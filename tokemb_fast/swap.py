@@ -19,6 +19,8 @@ different outputs) the model is restored exactly as it was and a ``RuntimeError`
 """
 import functools
 import inspect
+import itertools
+import threading
 from typing import Callable, List, NamedTuple, Optional
 
 import torch
@@ -149,13 +151,19 @@ def _lfs_forward(self, in_idx):
     return self.out_head(x)
 
 
-def _lfs_cache_forward(self, position_attribute, in_idx, use_cache=False):
+def _lfs_cache_forward(self, position_attribute, overflow_error, in_idx, use_cache=False):
     # ch04/03_kv-cache: positions run on from the cache's length with use_cache, else start at 0;
-    # the counter moves before the lookup, as there.
+    # the counter moves before the lookup, as there. Positions past pos_emb fail as the original's
+    # do (_overflow_error): before the counter moves, with its exception type, or after.
     batch_size, seq_len = in_idx.shape
     past_length = 0
     if use_cache:
         past_length = getattr(self, position_attribute)
+        context_length = self.pos_emb.num_embeddings
+        if overflow_error is not None and past_length + seq_len > context_length:
+            raise overflow_error(f"Position embedding overflow: positions {past_length}..{past_length + seq_len - 1} "
+                                 f"({position_attribute}={past_length}, {seq_len} new tokens) run past pos_emb's "
+                                 f"{context_length} rows")
         setattr(self, position_attribute, past_length + seq_len)
     x = _fused(self)(in_idx, past_length=int(past_length))
     for block in self.trf_blocks:
@@ -220,6 +228,48 @@ LLMS_FROM_SCRATCH = Family(
     _lfs_probe)
 
 
+class _ReachedPositionLookup(Exception):
+    """Raised by _overflow_error's hook in place of an out-of-range position lookup."""
+
+
+def _overflow_error(model, attribute):
+    """How the original cached forward fails when the positions would run past pos_emb: the
+    exception type it raises before moving its counter (later versions of ch04/03_kv-cache assert
+    first), or None where it moves the counter and the lookup fails (as the fused lookup then
+    does, with IndexError). Found by running it with the counter at the table's end; a hook stops
+    the lookup itself, so nothing out of range is read on any device. The model is left as it was."""
+    snapshot = _Snapshot(model)
+
+    def stop(_module, _args):
+        raise _ReachedPositionLookup()
+
+    try:
+        for module in model.modules():
+            module.training = False
+        setattr(model, attribute, model.pos_emb.num_embeddings)
+        model.pos_emb.register_forward_pre_hook(stop)
+        ids = torch.zeros((1, 1), dtype=torch.long, device=model.pos_emb.weight.device)
+        with torch.no_grad():
+            type(model).forward(model, ids, use_cache=True)
+    except _ReachedPositionLookup:
+        return None
+    except Exception as error:  # noqa: BLE001  (whatever the original raises, the swapped forward raises)
+        if getattr(model, attribute) == model.pos_emb.num_embeddings:
+            return type(error)
+        return None
+    finally:
+        snapshot.restore()
+    raise TypeError(f"its forward with use_cache=True does not fail when the positions run past pos_emb; "
+                    f"the fused lookup would")
+
+
+def _install_cache_forward(attribute):
+    def install(model, check_ids):
+        _install_forward(_lfs_cache_forward, **_LFS_TABLES, bound=(attribute, _overflow_error(model, attribute)))(
+            model, check_ids)
+    return install
+
+
 def _cache_family(attribute, source):
     return Family(
         f"LLMs-from-scratch GPTModel with KV cache ({source})",
@@ -229,7 +279,7 @@ def _cache_family(attribute, source):
         lambda m: _first(lambda: _lfs_modules(m), lambda: _int_attribute(m, attribute),
                          lambda: _signature_mismatch(m, ["in_idx", "use_cache=False"]),
                          lambda: _blocks_mismatch(m.trf_blocks, nn.ModuleList, ("use_cache",), "trf_blocks")),
-        _install_forward(_lfs_cache_forward, **_LFS_TABLES, bound=(attribute,)),
+        _install_cache_forward(attribute),
         _lfs_probe)
 
 
@@ -424,16 +474,32 @@ def _hf_mismatch(model, spec: _HuggingFaceSpec) -> Optional[str]:
     return _first(lambda: _no_hooks(token, spec.token), lambda: _no_hooks(position, spec.position))
 
 
+class _HuggingFaceCall(threading.local):
+    """The call of the base model in progress, per thread: threads calling one model at once (an
+    inference server) each hand their own ids from the token lookup to the position lookup."""
+
+    input_ids = None
+    waiting = False  # the token lookup returned the placeholder; the position lookup is next
+
+
 class _HuggingFaceState:
     """Per base model: what the token lookup of the current call must hand to the position lookup."""
 
     def __init__(self, spec, base, check_ids):
         self.spec = spec
         self.check_ids = check_ids
-        self.input_ids = None
-        self.waiting = False  # the token lookup returned the placeholder; the position lookup is next
+        self.call = _HuggingFaceCall()
         self.token = self.position = self.fused = None
         self.attach(base)
+
+    def __getstate__(self):  # (torch.save, copy.deepcopy: a call in progress is not part of the model)
+        state = dict(self.__dict__)
+        del state["call"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.call = _HuggingFaceCall()
 
     def attach(self, base):
         """Take over the base model's current token and position modules."""
@@ -454,20 +520,22 @@ def _hf_arm(base, args, kwargs):
         if _first(lambda: _hf_mismatch(base, state.spec)) is None:
             state.attach(base)
         else:
-            state.input_ids, state.waiting = None, False
+            state.call.input_ids, state.call.waiting = None, False
             return
-    state.input_ids = kwargs.get("input_ids", args[0] if args else None)
-    state.waiting = False
+    call = state.call
+    call.input_ids = kwargs.get("input_ids", args[0] if args else None)
+    call.waiting = False
 
 
 def _hf_token_forward(module, state, input):
     # The first lookup after the base model's forward began is of its input_ids (perhaps reshaped:
     # GPT-2 views them as [-1, T]); token_type_ids come later, calls from outside the model are
     # not armed.
-    armed = state.input_ids
-    if armed is not None and not state.waiting and module is state.token and input.numel() == armed.numel() \
+    call = state.call
+    armed = call.input_ids
+    if armed is not None and not call.waiting and module is state.token and input.numel() == armed.numel() \
             and input.shape[-1] == armed.shape[-1]:
-        state.input_ids, state.waiting = input, True
+        call.input_ids, call.waiting = input, True
         weight = module.weight
         if type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "to_local"):
             weight = weight.to_local()  # sharded by tokemb_fast.parallel, whose output is a local tensor
@@ -476,10 +544,11 @@ def _hf_token_forward(module, state, input):
 
 
 def _hf_position_forward(module, state, *args, **kwargs):
-    if not state.waiting or module is not state.position:
+    call = state.call
+    if not call.waiting or module is not state.position:
         return type(module).forward(module, *args, **kwargs)
-    state.waiting = False
-    input_ids, state.input_ids = state.input_ids, None  # (the ids as the token lookup got them)
+    call.waiting = False
+    input_ids, call.input_ids = call.input_ids, None  # (the ids as the token lookup got them)
     if state.spec.offset_positions:
         position_ids = _hf_offset_positions(*args, **kwargs)
     else:
@@ -578,11 +647,17 @@ class _Snapshot:
 
 
 def _run_probe(model, probe) -> List[torch.Tensor]:
+    """The probe's outputs in eval mode, without grad, from the same random state each time (so
+    that randomness the probe cannot turn off, e.g. train-mode dropout in modules the model shares
+    with another, draws the same in every run), leaving the model and the random state as they were."""
     snapshot = _Snapshot(model)
+    devices = sorted({tensor.device.index for tensor in itertools.chain(model.parameters(), model.buffers())
+                      if tensor.device.type == "cuda"})
     try:
         for module in model.modules():
             module.training = False
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(0)
             return [out.detach().float() for out in probe() if out is not None]
     finally:
         snapshot.restore()
@@ -638,6 +713,13 @@ def swap_input_embeddings(model: nn.Module, *, check_ids=True, verify: bool = Tr
         if verify:
             after = _run_probe(model, probe)
             if not _same(before, after):
+                snapshot.restore()
+                if not _same(before, _run_probe(model, probe)):
+                    raise ValueError(
+                        "two probe runs of the unswapped model already differ (eval mode, no grad, the same random "
+                        "seed), so the swap cannot be verified: its forward is not deterministic, e.g. modules in "
+                        "train mode that it reaches but does not hold (minGPT's Block.mlpf lambda still calls the "
+                        "original's modules after copy.deepcopy); swap the model itself, or pass verify=False")
                 raise ValueError("its outputs changed after the swap (its forward must differ from the family's)")
     except Exception as cause:
         snapshot.restore()

@@ -28,7 +28,7 @@ from triton.runtime.driver import driver
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
-from . import launch
+from . import id_check, launch
 from .launch import CachedKernel, PlanCache, aligned, current_stream, hooks_installed, int_class
 
 #: True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -251,19 +251,18 @@ class ForwardCall:
     """The planned forward of one call layout with nothing left to decide but the tensors: made
     by ``forward_call`` for a caller whose own cache key fixes everything ``_forward_key`` holds
     except the current device (the caller compares ``device_index`` with ``get_device()``), so
-    a call is an allocation, a launch, and the id check's bookkeeping (``guard``: the device's
-    ``tokemb_fast.id_check`` guard, or None when ids are not checked)."""
+    a call is an allocation, a launch, and the id check's bookkeeping (``check``: whether ids
+    are checked, in the flag of the calling thread's ``tokemb_fast.id_check`` guard for the
+    device and stream: looked up per call, as a plan serves every thread)."""
 
     __slots__ = ("run", "function", "packed_metadata", "grid", "constexpr_values", "name", "out_shape", "static",
-                 "dropout_scale", "dropout_threshold", "token_scale", "guard", "device_index", "get_device",
-                 "get_stream")
+                 "dropout_scale", "dropout_threshold", "token_scale", "check", "device", "device_index",
+                 "get_device", "get_stream")
 
     def __call__(self, stream, input_ids, token_weight, position_weight, position_ids, dropout_seed,
                  wait_at_next_call):
         """(output, the id check's record or None), as autograd.run_forward returns them."""
-        guard = self.guard
-        if guard is not None and guard.pending:
-            guard.before_launch()
+        guard = id_check.guard(self.device, stream) if self.check else None
         out = token_weight.new_empty(self.out_shape)  # (0.3 us less than torch.empty with dtype and device)
         grid_x, grid_y, grid_z = self.grid
         ids_strides, position_strides, token_stride, position_stride, ints = self.static
@@ -278,21 +277,22 @@ class ForwardCall:
                  *self.constexpr_values)
         if launch.PATHS is not None:
             launch.PATHS.append((self.name, "call"))
-        return out, None if guard is None else guard.after_launch(wait_at_next_call, stream)
+        return out, None if guard is None else guard.after_launch(wait_at_next_call)
 
 
 def forward_call(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
-                 dropout_scale, guard, token_scale) -> Optional[ForwardCall]:
+                 dropout_scale, check, token_scale) -> Optional[ForwardCall]:
     """The ForwardCall of a forward that ``_forward_planned`` has just launched with these
-    arguments ([B, T] ids, position ids None or [B, T]) and ``guard``'s flag, or None where it
-    made no plan (the interpreter, an empty call, a profiler's hook)."""
+    arguments ([B, T] ids, position ids None or [B, T]) and, when ``check``, an id flag; or None
+    where it made no plan (the interpreter, an empty call, a profiler's hook)."""
     device, _stream = current_stream()
     if device is None:
-        return _InterpretedForwardCall(guard, past_length, dropout_p, dropout_scale, token_scale) if INTERPRETED \
-            else None
-    id_flag = None if guard is None else guard.flag
+        return _InterpretedForwardCall(check, token_weight.device, past_length, dropout_p, dropout_scale,
+                                       token_scale) if INTERPRETED else None
+    # (Any flag will do for the key: only whether there is one matters, all are fresh allocations.)
     plan = _forward_plans.get(_forward_key(device, input_ids, token_weight, position_weight, position_ids, past_length,
-                                           dropout_p, dropout_seed, id_flag, token_scale, 0, -1, True))
+                                           dropout_p, dropout_seed, True if check else None, token_scale, 0, -1,
+                                           True))
     if plan is None:
         return None
     call = ForwardCall()
@@ -301,7 +301,7 @@ def forward_call(input_ids, token_weight, position_weight, position_ids, past_le
     call.out_shape = (*input_ids.shape, token_weight.shape[1])
     call.static = _forward_static(input_ids, token_weight, position_weight, position_ids, past_length, 0, -1)
     call.dropout_scale, call.dropout_threshold = dropout_scale, _dropout_threshold(dropout_p, dropout_seed)
-    call.token_scale, call.guard = token_scale, guard
+    call.token_scale, call.check, call.device = token_scale, bool(check), token_weight.device
     active = driver.active
     call.device_index, call.get_device, call.get_stream = device, active.get_current_device, active.get_current_stream
     return call
@@ -315,8 +315,8 @@ class _InterpretedForwardCall:
 
     device_index = None
 
-    def __init__(self, guard, past_length, dropout_p, dropout_scale, token_scale):
-        self.guard, self.past_length, self.dropout_p = guard, past_length, dropout_p
+    def __init__(self, check, device, past_length, dropout_p, dropout_scale, token_scale):
+        self.check, self.device, self.past_length, self.dropout_p = check, device, past_length, dropout_p
         self.dropout_scale, self.token_scale = dropout_scale, token_scale
 
     @staticmethod
@@ -329,9 +329,7 @@ class _InterpretedForwardCall:
 
     def __call__(self, stream, input_ids, token_weight, position_weight, position_ids, dropout_seed,
                  wait_at_next_call):
-        guard = self.guard
-        if guard is not None and guard.pending:
-            guard.before_launch()
+        guard = id_check.guard(self.device) if self.check else None
         out = _forward_planned(input_ids, token_weight, position_weight, position_ids, self.past_length,
                                self.dropout_p, dropout_seed, self.dropout_scale, None if guard is None else guard.flag,
                                self.token_scale)
