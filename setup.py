@@ -29,7 +29,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
-        "hf": ["transformers>=4.45"],
+        # Upper bounds: the newest releases the tests ran with (README, "Limitations").
+        "hf": ["transformers>=4.45,<5.26"],
+        "export": ["onnx>=1.18,<1.24", "onnxscript>=0.5,<0.8", "onnxruntime>=1.22,<1.33"],
     },
     entry_points={"console_scripts": ["tokemb-fast=tokemb_fast.cli:main"]},
 )

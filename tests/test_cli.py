@@ -98,3 +98,16 @@ def test_demo_names_the_path_plainly(capsys, monkeypatch):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "torch")
     assert main(["demo", "--repeats", "2"]) == 0
     assert "device      cpu (plain PyTorch: F.embedding + F.embedding), float32" in capsys.readouterr().out
+
+
+def test_bench_plot_without_matplotlib_fails_at_once_in_one_line(capsys, monkeypatch, tmp_path):
+    from tokemb_fast import bench
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (an import of it now raises ImportError)
+    for runner in ("run_cpu", "run_cuda"):
+        monkeypatch.setattr(bench, runner, lambda *args, **kwargs: pytest.fail("timed before checking --plot"))
+    assert main(["bench", "--plot", str(tmp_path / "plot.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        "tokemb-fast bench: --plot needs matplotlib, which is not installed: pip install 'tokemb-fast[bench]' "
+        "(or run without --plot)"]

@@ -81,6 +81,8 @@ def test_opcheck_forward_and_grad_ops():
          (ids, token_weight, position_weight, None, 2, 0.0, None, None, None, None)),
         (torch.ops.tokemb_fast.input_embedding_forward,
          (ids, token_weight, position_weight, position_ids, 0, 0.0, None, None, id_flag, token_scale)),
+        (torch.ops.tokemb_fast.input_embedding,
+         (ids, token_weight, position_weight, position_ids, 0, 0.0, None, None, token_scale)),
         (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, ids, 20, 0, -1, False, 1, 0.0, None, None, None)),
         (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, position_ids, 10, 0, 3, True, 1, 0.0, None, None, token_scale)),
         (torch.ops.tokemb_fast.embedding_dense_grad, (grad_out, None, 10, 4, 5, True, 3, 0.0, None, None, None)),

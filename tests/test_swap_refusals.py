@@ -211,3 +211,9 @@ def test_the_probe_changes_nothing_in_a_swapped_model():
     assert model.ptr_current_pos == position == 3
     assert all(block.att.cache_k is tensor for block, tensor in zip(model.trf_blocks, cached))
     assert [m.training for m in model.modules()] == training
+
+
+def test_supported_families_print_as_words():
+    for family in supported_families():
+        text = repr(family)
+        assert text.startswith(f"Family({family.name!r}: ") and "lambda" not in text and "function" not in text

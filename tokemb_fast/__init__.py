@@ -1,6 +1,7 @@
 """tokemb-fast: the first layer of a GPT model (token embedding + absolute position embedding),
 fused into one Triton kernel on the GPU with a deterministic hand-written backward, and plain
 PyTorch on the CPU."""
+from . import _source_tree  # noqa: F401  (first: makes tokemb_fast.kernels importable from a checkout)
 from ._version import __version__
 from .autograd import EmbeddingGradFunction, FusedInputEmbeddingFunction, dropout_seed
 from .functional import backend_name, fused_input_embedding

@@ -165,14 +165,17 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
         scale = _dropout_scale(options.dropout_p, device, cache=direct)
     if options.token_scale != 1.0:
         token_scale = _constant(options.token_scale, device, cache=direct)
-    launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
     shard = options.shard
-    if shard is None:
+    sharding = () if shard is None else (shard.row_offset, shard.vocab_size, shard.add_positions)
+    if direct or flag is not None:
+        launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
         out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
-                     dropout_seed, scale, flag, token_scale)
+                     dropout_seed, scale, flag, token_scale, *sharding)
     else:
-        out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
-                     dropout_seed, scale, flag, token_scale, shard.row_offset, shard.vocab_size, shard.add_positions)
+        # Through dispatch with no flag to write (check_ids=False, exporting): the op that mutates
+        # nothing, so that a traced graph holds a pure function (with a decomposition).
+        out = ops.input_embedding(input_ids, token_weight, position_weight, position_ids, options.past_length,
+                                  options.dropout_p, dropout_seed, scale, token_scale, *sharding)
     record = None
     if guard is not None:
         record = guard.after_launch(wait_at_next_call)

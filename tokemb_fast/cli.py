@@ -165,6 +165,13 @@ class Progress:
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.plot:
+        try:  # before any timing: a missing plotting library must not cost a whole run
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("tokemb-fast bench: --plot needs matplotlib, which is not installed: "
+                  "pip install 'tokemb-fast[bench]' (or run without --plot)", file=sys.stderr)
+            return 2
     env = bench.environment()
     shapes = [bench.SHAPES[name] for name in args.shapes]
     failures = []  # rows that raised: reported at the end, and the exit status says so

@@ -14,6 +14,7 @@ plain eager call on the Triton path goes further: a second key (strides, alignme
 import os
 import sys
 import threading
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -207,6 +208,9 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
         from .parallel import vocab_parallel_lookup
         return vocab_parallel_lookup(input_ids, token_weight, position_weight, position_ids, past_length,
                                      table_options, dropout_p, check_ids, token_scale, backend, output_layout)
+    if _tracing_state() is not None and shard is None:
+        return _jit_traced(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
+                           dropout_p, check_ids, token_scale, backend)
     compiling = torch.compiler.is_compiling()
     prepared = key = None
     if not compiling:
@@ -230,7 +234,8 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
                 _prepared.clear()
             _prepared[key] = prepared
     options = prepared.options
-    _last.backend = prepared.backend
+    if not compiling:  # (a traced graph has no thread to tell, and Dynamo would warn of the side effect)
+        _last.backend = prepared.backend
 
     if not prepared.use_triton:
         if check_ids and not prepared.check_on_error:
@@ -316,6 +321,23 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
     return out
 
 
+def _jit_traced(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p,
+                check_ids, token_scale, backend):
+    """A call under torch.jit.trace (or ONNX's TorchScript-based exporter), which records the ops a
+    call dispatches: PyTorch's own, then, on either path (a kernel launch would not be recorded)."""
+    with warnings.catch_warnings():
+        # The checks compare shapes, which the tracer warns about; they do not shape the trace.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if isinstance(past_length, torch.Tensor) and past_length.dim() == 0 and not past_length.is_floating_point():
+            # ONNX's TorchScript-based exporter passes the forward's default arguments as tensors.
+            past_length = int(past_length)
+        prepared = _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options,
+                            dropout_p, check_ids, token_scale, backend)
+        _last.backend = "torch"
+        out = _plain_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared, table_options)
+    return F.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
+
+
 def _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
              token_scale, backend, shard=None) -> _Prepared:
     """Every check that does not read tensor values; raises a clear exception or returns what
@@ -368,6 +390,7 @@ def _default_positions(seq_len: int, past_length: int, device: torch.device) -> 
 
 
 _dispatch_stack_length = torch._C._len_torch_dispatch_stack
+_tracing_state = torch._C._get_tracing_state
 
 
 def _plain_sum_unchecked(input_ids, token_weight, position_weight, position_ids, past_length, prepared,
@@ -416,7 +439,8 @@ def _plain_sum(input_ids, token_weight, position_weight, position_ids, past_leng
     if prepared.options.shard is not None:
         return _plain_shard_sum(input_ids, token_weight, position_weight, position_ids, past_length, prepared.options,
                                 table_options)
-    if prepared.renorm or input_ids.numel() == 0 or torch.compiler.is_compiling() or _in_transform():
+    if prepared.renorm or input_ids.numel() == 0 or torch.compiler.is_compiling() or _in_transform() or \
+            _tracing_state() is not None:
         return input_embedding_reference(
             input_ids, token_weight, position_weight, position_ids, past_length,
             padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq,

@@ -17,6 +17,13 @@ from .validation import check_dropout, check_table_options, check_token_scale
 
 POSITION_KINDS = ("learned", "sinusoidal")
 
+#: What torch.jit.script of the module (or of a model holding it) raises.
+SCRIPT_UNSUPPORTED = (
+    "torch.jit.script cannot compile {} (tokemb-fast): TorchScript does not support its call path (the Triton "
+    "launchers, keyword-only options, custom ops chosen per call), and TorchScript is deprecated in PyTorch. "
+    "Use torch.export.export (then AOTInductor or ONNX: see docs/shipping.md) or torch.jit.trace, which "
+    "records PyTorch's own ops on either path.")
+
 
 def sinusoidal_table(num_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
     """The fixed position table of "Attention Is All You Need" (float64, [num_positions, dim]):
@@ -211,6 +218,9 @@ class FusedInputEmbedding(nn.Module):
         if not torch.compiler.is_compiling():
             self.__dict__["last_backend"] = last_backend()  # (not through nn.Module.__setattr__: per call)
         return out
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(SCRIPT_UNSUPPORTED.format(type(self).__name__))
 
     #: The path the last call took: "triton", "triton-interpreter" or "torch" (None before a call).
     last_backend = None

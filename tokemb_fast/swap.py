@@ -50,6 +50,9 @@ class Family(NamedTuple):
     #: model -> callable running one probe forward (eval mode, no grad), returning its outputs.
     probe: Callable[[nn.Module], Callable[[], List[torch.Tensor]]]
 
+    def __repr__(self) -> str:  # (the callables say nothing to a reader)
+        return f"Family({self.name!r}: {self.description}; fuses {self.fused})"
+
 
 def supported_families() -> List[Family]:
     """The families swap_input_embeddings knows, in the order it tries them."""
@@ -129,7 +132,15 @@ def _install_forward(forward, tok_emb, pos_emb, dropout, bound=()):
         model.__dict__[_FUSED] = FusedInputEmbedding.from_embeddings(
             tok_emb(model), pos_emb(model), dropout=dropout(model), check_ids=check_ids)
         model.forward = functools.partial(forward, model, *bound)
+        model.__prepare_scriptable__ = functools.partial(_refuse_script, type(model).__name__)
     return install
+
+
+def _refuse_script(name):
+    # torch.jit.script would compile the class's forward, i.e. the model without the fusion.
+    raise RuntimeError(f"torch.jit.script cannot compile {name} as swapped by tokemb-fast: TorchScript compiles a "
+                       f"class's forward, not the fused one installed on this model, and it is deprecated in "
+                       f"PyTorch. Use torch.export.export (see docs/shipping.md) or torch.jit.trace.")
 
 
 def _probe_ids(model, vocab_size, context_length, seq_len=4):

@@ -22,6 +22,7 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+import torch._decomp
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
 from triton.runtime.driver import driver
@@ -381,6 +382,13 @@ def input_embedding_forward(
         return _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
                                 dropout_seed, dropout_scale, id_flag, token_scale, token_row_offset, vocab_size,
                                 add_positions)
+    return _traced_forward(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                           dropout_scale, id_flag, token_scale, token_row_offset, vocab_size, add_positions)
+
+
+def _traced_forward(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                    dropout_scale, id_flag, token_scale, token_row_offset, vocab_size, add_positions):
+    """The forward ops' body under torch.compile / FakeTensor tracing: launched through wrap_triton."""
     batch, seq_len = input_ids.shape
     dim = token_weight.shape[1]
     out = torch.empty((batch, seq_len, dim), dtype=token_weight.dtype, device=token_weight.device)
@@ -394,6 +402,70 @@ def input_embedding_forward(
                                                              dropout_scale, id_flag, token_scale, token_row_offset,
                                                              vocab_size), layout.constexprs)
     return out
+
+
+def _pure_forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                          dropout_scale, token_scale, token_row_offset=0, vocab_size=-1, add_positions=True):
+    return _forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
+                            dropout_seed, dropout_scale, None, token_scale, token_row_offset, vocab_size, add_positions)
+
+
+@_define_op("tokemb_fast::input_embedding", _pure_forward_planned)
+def input_embedding(
+    input_ids: torch.Tensor,
+    token_weight: torch.Tensor,
+    position_weight: torch.Tensor,
+    position_ids: Optional[torch.Tensor],
+    past_length: int,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    dropout_scale: Optional[torch.Tensor],
+    token_scale: Optional[torch.Tensor],
+    token_row_offset: int = 0,
+    vocab_size: int = -1,
+    add_positions: bool = True,
+) -> torch.Tensor:
+    """input_embedding_forward without an id flag: a pure function of its inputs (nothing mutated),
+    which is what traced graphs get when no flag is written (check_ids=False, exported programs).
+    Its decomposition (``decomposed_input_embedding``) stands in for it where a consumer of the
+    graph does not know it (ONNX, ``ep.run_decompositions(tokemb_fast.export.decomposition_table())``)."""
+    if not _tracing():
+        return _pure_forward_planned(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
+                                     dropout_seed, dropout_scale, token_scale, token_row_offset, vocab_size,
+                                     add_positions)
+    return _traced_forward(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
+                           dropout_scale, None, token_scale, token_row_offset, vocab_size, add_positions)
+
+
+def decomposed_input_embedding(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p,
+                               dropout_seed, dropout_scale, token_scale, token_row_offset=0, vocab_size=-1,
+                               add_positions=True):
+    """``tokemb_fast::input_embedding`` in ATen ops: two embedding lookups and an add, summed in fp32
+    (fp64 for fp64 tables) and rounded once as the kernel does. For consumers of exported graphs
+    that do not know the op. Differences from the kernel: an id outside its table is the
+    consumer's error (the lookup's), not a NaN row; dropout draws the consumer's own mask."""
+    batch, seq_len = input_ids.shape
+    accumulate = torch.float64 if token_weight.dtype == torch.float64 else torch.float32
+    local_ids = input_ids if vocab_size < 0 else input_ids - token_row_offset
+    if vocab_size >= 0:  # one rank's rows of a vocabulary split over a tensor-parallel group
+        here = (local_ids >= 0) & (local_ids < token_weight.shape[0])
+        local_ids = torch.where(here, local_ids, 0)
+    tokens = torch.ops.aten.embedding.default(token_weight, local_ids).to(accumulate)
+    if vocab_size >= 0:
+        tokens = torch.where(here.unsqueeze(-1), tokens, 0.0)
+    if token_scale is not None:
+        tokens = tokens * token_scale.to(accumulate)
+    if position_ids is None:
+        position_ids = torch.arange(past_length, past_length + seq_len, device=input_ids.device).unsqueeze(0)
+    out = tokens
+    if add_positions:
+        out = tokens + torch.ops.aten.embedding.default(position_weight, position_ids).to(accumulate)
+    if dropout_seed is not None:
+        out = torch.ops.aten.native_dropout.default(out, dropout_p, True)[0]
+    return out.to(token_weight.dtype)
+
+
+torch._decomp.register_decomposition(torch.ops.tokemb_fast.input_embedding.default)(decomposed_input_embedding)
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -597,6 +669,11 @@ if INTERPRETED:
     @input_embedding_forward.register_fake
     def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale,
           id_flag, token_scale, token_row_offset=0, vocab_size=-1, add_positions=True):
+        return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
+
+    @input_embedding.register_fake
+    def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale,
+          token_scale, token_row_offset=0, vocab_size=-1, add_positions=True):
         return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
 
     @embedding_dense_grad.register_fake
