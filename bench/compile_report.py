@@ -170,6 +170,7 @@ class CaseReport:
     outputs: int = 0  # B*T*D
     explicit_positions: bool = False  # position_ids given (else the default arange positions)
     sparse: bool = False              # sparse token gradient
+    encoder: bool = False             # the encoder op (kernels/encoder.py)
     launches: List[dict] = field(default_factory=list)
     tuning_hashes: List[str] = field(default_factory=list)  # the forward configs the autotuner tried
     error: Optional[str] = None
@@ -267,14 +268,55 @@ def cases(quick: bool):
     # Tensor parallelism: a rank's shard of the vocabulary, without the position rows.
     yield "gpt2-124M float32, token shard 2 of 4", Shape("shard", 8, 1024, 12565, 768, 1024), torch.float32, \
         {"shard": TokenShard(25130, 50257, False)}
+    # The encoder op (kernels/encoder.py): BERT's token types and LayerNorm, RoBERTa's positions
+    # from the padding, DistilBERT without token types, and BERT-large's D = 1024.
+    bert = SHAPES["bert-base"]
+    yield "bert-base float32 (encoder)", bert, torch.float32, {"encoder": True}
+    yield "bert-base bfloat16 dropout, RoBERTa positions (encoder)", bert, torch.bfloat16, \
+        {"encoder": True, "dropout_p": 0.1, "pad_position_id": 1}
+    if not quick:
+        yield "bert-large float32, position_ids (encoder)", Shape("bert-large", 8, 512, 30522, 1024, 512,
+                                                                  type_vocab_size=2), \
+            torch.float32, {"encoder": True, "position_ids": True}
+        yield "distilbert float16 (encoder, no token types)", Shape("distilbert", 32, 512, 30522, 768, 512), \
+            torch.float16, {"encoder": True, "no_token_types": True}
+        yield "D=100 float64 (encoder)", Shape("odd-encoder", 4, 64, 1000, 100, 64, type_vocab_size=2), \
+            torch.float64, {"encoder": True}
 
 
 def _explicit_positions(shape, options) -> bool:
     return shape.random_positions or options.get("position_ids", False)
 
 
+def run_encoder_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
+    from tokemb_fast import EncoderOptions, FusedEncoderEmbeddingFunction, dropout_seed
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=generator)
+    position_ids = torch.randint(0, shape.context_length, (shape.batch, shape.seq_len), generator=generator) \
+        if options.get("position_ids") else None
+    types = 0 if options.get("no_token_types") else max(shape.type_vocab_size, 2)
+    word = torch.empty(shape.vocab_size, shape.dim, dtype=dtype, requires_grad=True)
+    position = torch.empty(shape.context_length, shape.dim, dtype=dtype, requires_grad=True)
+    token_type = torch.empty(types, shape.dim, dtype=dtype, requires_grad=True) if types else None
+    token_type_ids = torch.randint(0, types, (shape.batch, shape.seq_len), generator=generator) if types else None
+    ln_weight = torch.empty(shape.dim, dtype=dtype, requires_grad=True)
+    ln_bias = torch.empty(shape.dim, dtype=dtype, requires_grad=True)
+    dropout_p = options.get("dropout_p", 0.0)
+    encoder_options = EncoderOptions(pad_position_id=options.get("pad_position_id", -1), dropout_p=dropout_p)
+    start = len(fake.launches)
+    out = FusedEncoderEmbeddingFunction.apply(ids, word, position, token_type, token_type_ids, position_ids,
+                                              ln_weight, ln_bias, encoder_options,
+                                              dropout_seed("cpu") if dropout_p > 0 else None)[0]
+    out.backward(torch.empty_like(out))
+    return fake.launches[start:]
+
+
 def run_case(shape, dtype, options, fake: CompileOnlyDriver) -> List[Launch]:
     from tokemb_fast import FusedInputEmbeddingFunction, LookupOptions, TableOptions, dropout_seed
+
+    if options.get("encoder"):
+        return run_encoder_case(shape, dtype, options, fake)
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=generator)
@@ -364,7 +406,7 @@ def main(argv=None) -> int:
     for label, shape, dtype, options in cases(args.quick):
         report = CaseReport(label, batch=shape.batch, dim=shape.dim, outputs=shape.batch * shape.seq_len * shape.dim,
                             explicit_positions=_explicit_positions(shape, options),
-                            sparse=options.get("sparse", False))
+                            sparse=options.get("sparse", False), encoder=options.get("encoder", False))
         try:
             launches = run_case(shape, dtype, options, fake)
             report.launches = [{key: value for key, value in asdict(launch).items() if key != "arguments"}

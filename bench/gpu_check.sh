@@ -2,7 +2,7 @@
 # One device-time-budgeted check on a lent GPU machine (H100/H200), in a few minutes.
 #   bash bench/gpu_check.sh                 # every step below, in this order
 #   bash bench/gpu_check.sh tests bench-124M  # only the steps named
-#   bash bench/gpu_check.sh first             # then `second`: the limits below sum to 820 s, over
+#   bash bench/gpu_check.sh first             # then `second`: the limits below sum to 860 s, over
 #                                             # one device call's 600, so a session runs two calls
 # Steps (each with its own time limit; the seconds are that limit):
 #   tests       (170) the test suite on CUDA: real compiled kernels, Inductor compile tests,
@@ -16,6 +16,8 @@
 #   bench-big    (70) the big shape (Llama-3-like table), plain rows
 #   bench-skew   (40) Zipf and all-equal ids at gpt2-124M, forward+backward
 #   bench-rest   (90) gpt2-xl, decode and seed, plain rows
+#   bench-bert   (40) bert-base: the encoder op (token types, LayerNorm) beside Hugging Face's
+#                     BertEmbeddings arithmetic in eager PyTorch and its torch.compile, and the floor
 #   bench-suite  (90) the pytest-benchmark suite (bench/bench_embedding.py) at the seed shape
 #   tp           (90) with 2 or more GPUs only: tensor parallelism on NCCL (bench/bench_tp.py: the
 #                     fused op against RowwiseParallel, outputs compared, then timed); else skipped
@@ -33,14 +35,14 @@ steps=()
 for arg in "$@"; do
   case $arg in
     first) steps+=(tests profile bench-124M bench-big bench-skew) ;;  # 440 s of limits: what #11 and #12 read first
-    second) steps+=(example bench-rest bench-suite tp) ;;            # 380 s (tp: 0 s on one GPU)
+    second) steps+=(example bench-rest bench-bert bench-suite tp) ;;  # 420 s (tp: 0 s on one GPU)
     *) steps+=("$arg") ;;
   esac
 done
-[ ${#steps[@]} -gt 0 ] || steps=(tests example profile bench-124M bench-big bench-skew bench-rest bench-suite tp)
+[ ${#steps[@]} -gt 0 ] || steps=(tests example profile bench-124M bench-big bench-skew bench-rest bench-bert bench-suite tp)
 
 for step in "${steps[@]}"; do
-  case $step in tests|example|profile|bench-124M|bench-big|bench-skew|bench-rest|bench-suite|tp) ;; *) echo "unknown step $step"; exit 2 ;; esac
+  case $step in tests|example|profile|bench-124M|bench-big|bench-skew|bench-rest|bench-bert|bench-suite|tp) ;; *) echo "unknown step $step"; exit 2 ;; esac
 done
 LOG=$OUT/gpu_check.log
 python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
@@ -92,6 +94,9 @@ for step in "${steps[@]}"; do
     bench-rest)
       run_step bench-rest 90 tokemb-fast bench --shapes gpt2-xl,decode,seed \
         --json "$OUT/bench-rest.json" ;;
+    bench-bert)
+      run_step bench-bert 40 tokemb-fast bench --shapes bert-base --impls fused,eager,compile,floor \
+        --json "$OUT/bench-bert.json" ;;
     bench-suite)
       # One process: pytest-benchmark saves nothing under xdist (pytest.ini asks for workers).
       run_step bench-suite 90 python3 -m pytest -q -p no:cacheprovider -n 0 bench/bench_embedding.py -k seed \

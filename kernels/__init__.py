@@ -5,10 +5,13 @@ launchers, with their argument checks, are in ``tokemb_fast.triton_ops``.
 """
 from .backward import embedding_grad_rows_kernel, segment_bounds_kernel, segment_chunk_sums_kernel
 from .dropout import apply_dropout_mask_kernel
+from .encoder import encoder_embedding_bwd_kernel, encoder_embedding_fwd_kernel
 from .forward import input_embedding_fwd_kernel
 
 __all__ = [
     "apply_dropout_mask_kernel",
+    "encoder_embedding_bwd_kernel",
+    "encoder_embedding_fwd_kernel",
     "input_embedding_fwd_kernel",
     "segment_bounds_kernel",
     "segment_chunk_sums_kernel",

@@ -21,7 +21,7 @@ def input_embedding_fwd_kernel(
     n_rows, seq_len, dim, vocab_size, num_positions, past_length,
     token_row_offset, token_rows,  # unused unless TOKEN_SHARD: the table holds rows [offset, offset + rows)
     dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,   # unused unless HAS_DROPOUT
-    id_flag_ptr,                 # int64 [6], unused unless CHECK_IDS (layout: tokemb_fast/id_check.py)
+    id_flag_ptr,                 # int64 [9], unused unless CHECK_IDS (layout: tokemb_fast/id_check.py)
     token_scale_ptr,             # fp64 [1], unused unless HAS_TOKEN_SCALE: out = scale * tok + pos
     HAS_POSITION_IDS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,

@@ -203,3 +203,25 @@ def test_tensor_parallel_bench_script_runs_on_gloo(tmp_path):
         {(layout, impl) for layout in ("replicate", "sequence") for impl in ("fused", "rowwise")}
     assert all(row["fwd_us"] > 0 and row["fwd+bwd_us"] > 0 for row in data["rows"])
     assert result.stdout.count("| tiny |") == 4
+
+
+TINY_ENCODER = bench.Shape("tiny-encoder", 2, 6, 40, 16, 8, type_vocab_size=2)
+
+
+def test_the_encoder_shape_times_the_fused_op_beside_eager_bert_embeddings(monkeypatch):
+    # bert-base's rows at a tiny shape: the fused encoder op (token types, LayerNorm) beside Hugging
+    # Face's BertEmbeddings arithmetic in eager PyTorch, and the floor; the outputs first agree.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    shape = TINY_ENCODER
+    inputs = bench.make_inputs(shape, torch.float32, TRITON_DEVICE)
+    extra = bench.EncoderInputs(shape, torch.float32, TRITON_DEVICE)
+    forwards = bench.encoder_implementations(extra)
+    ids, position_ids, word, position, _ = inputs
+    torch.testing.assert_close(forwards["fused"](ids, word, position, position_ids),
+                               forwards["eager"](ids, word, position, position_ids), rtol=1e-5, atol=1e-5)
+    rows = bench.run_cuda([shape], ["fp32"], list(bench.MODES), list(bench.ENCODER_IMPLS), ["uniform"],
+                          progress=lambda line: None, device=TRITON_DEVICE, timer=host_timer)
+    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in bench.MODES for i in bench.ENCODER_IMPLS}
+    assert bench.SHAPES["bert-base"].describe() == "B32 T512 V30522 D768"
+    table = bench.format_table(rows)
+    assert "#### tiny-encoder" in table and "| fwd+bwd | fused | uniform |" in table

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE
-from tokemb_fast import fused_input_embedding
+from tokemb_fast import fused_encoder_embedding, fused_input_embedding
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -38,6 +38,14 @@ def call(ids_, token_weight=None, position_weight=None, **kwargs):
     out = fused_input_embedding(ids_, defaults[0] if token_weight is None else token_weight,
                                 defaults[1] if position_weight is None else position_weight, **kwargs)
     out.float().sum().backward()  # a deferred id check raises by the end of the backward
+
+
+def encoder_call(ids_, token_type_weight="default", **kwargs):
+    token_weight, position_weight = tables()
+    types = torch.randn(2, 4, device=TRITON_DEVICE, requires_grad=True) if token_type_weight == "default" \
+        else token_type_weight
+    out = fused_encoder_embedding(ids_, token_weight, position_weight, types, **kwargs)
+    out.float().sum().backward()
 
 
 ZERO = torch.zeros(1, 3, dtype=torch.int64, device=TRITON_DEVICE)
@@ -101,6 +109,36 @@ CASES = {
          "position_ids must have shape"),
         (lambda: call(ZERO, position_ids=ids(0, 1, 2), past_length=1), ValueError,
          "either position_ids or past_length, not both"),
+    ],
+    "the encoder op: `layer_norm` not a bool; `pad_position_id` not an int; a token-type table or LayerNorm "
+    "weight that is not a tensor": [
+        (lambda: encoder_call(ZERO, layer_norm=1), TypeError, "layer_norm must be True or False"),
+        (lambda: encoder_call(ZERO, pad_position_id=1.0), TypeError, "pad_position_id must be an int"),
+        (lambda: encoder_call(ZERO, token_type_weight=[[0.0] * 4] * 2), TypeError,
+         "token_type_weight must be a torch.Tensor"),
+        (lambda: encoder_call(ZERO, layer_norm_weight=[1.0] * 4), TypeError, "layer_norm_weight must be a torch.Tensor"),
+    ],
+    "the encoder op: a token type id outside the token-type table": [
+        (lambda: encoder_call(ZERO, token_type_ids=ids(0, 2, 1)), IndexError,
+         r"token type id 2 is out of range for a token-type table of 2 rows"),
+        (lambda: encoder_call(ZERO, token_type_ids=ids(-1, 0, 1)), IndexError, r"token type id -1 is out of range"),
+    ],
+    "the encoder op: `token_type_ids` without a token-type table, or of the wrong shape; a token-type table of "
+    "another dtype, device or D; a LayerNorm weight or bias not a floating-point `[D]` tensor on the tables' "
+    "device, or given with `layer_norm=False`; `layer_norm_eps` negative or not finite": [
+        (lambda: encoder_call(ZERO, None, token_type_ids=ZERO), ValueError,
+         "token_type_ids were given but there is no token_type_weight"),
+        (lambda: encoder_call(ZERO, token_type_ids=torch.zeros(5, dtype=torch.int64, device=TRITON_DEVICE)),
+         ValueError, "token_type_ids must have shape"),
+        (lambda: encoder_call(ZERO, torch.randn(2, 4, dtype=torch.float64, device=TRITON_DEVICE)), ValueError,
+         "token_type_weight is torch.float64 .* the tables must match"),
+        (lambda: encoder_call(ZERO, torch.randn(2, 5, device=TRITON_DEVICE)), ValueError,
+         r"token_type_weight must be \[type_vocab_size, 4\]"),
+        (lambda: encoder_call(ZERO, layer_norm_bias=torch.zeros(5, device=TRITON_DEVICE)), ValueError,
+         r"layer_norm_bias must be a floating-point \[4\] tensor"),
+        (lambda: encoder_call(ZERO, layer_norm=False, layer_norm_weight=torch.ones(4, device=TRITON_DEVICE)),
+         ValueError, "layer_norm_weight was given with layer_norm=False"),
+        (lambda: encoder_call(ZERO, layer_norm_eps=-1e-5), ValueError, "layer_norm_eps must be a finite number >= 0"),
     ],
 }
 

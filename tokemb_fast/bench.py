@@ -33,6 +33,8 @@ class Shape:
     dim: int
     context_length: int
     random_positions: bool = False  # decode: one token per row at a random position
+    #: The encoder op (BERT's embedding): token types (this many), LayerNorm; 0 for the GPT op.
+    type_vocab_size: int = 0
 
     def describe(self) -> str:
         return f"B{self.batch} T{self.seq_len} V{self.vocab_size} D{self.dim}"
@@ -44,6 +46,8 @@ SHAPES = {
     "gpt2-xl": Shape("gpt2-xl", 8, 1024, 50257, 1600, 1024),
     "big": Shape("big", 4, 4096, 128256, 4096, 4096),
     "decode": Shape("decode", 64, 1, 50257, 768, 1024, random_positions=True),
+    # BERT-base's embedding: word + token type + position, LayerNorm (fused_encoder_embedding).
+    "bert-base": Shape("bert-base", 32, 512, 30522, 768, 512, type_vocab_size=2),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwd+bwd")
@@ -110,7 +114,8 @@ def bytes_moved(shape: Shape, element_size: int, mode: str) -> int:
     forward = 2 * n
     if mode == "fwd":
         return forward * element_size
-    return (forward + (shape.vocab_size + shape.context_length) * shape.dim + n) * element_size
+    tables = shape.vocab_size + shape.context_length + shape.type_vocab_size
+    return (forward + tables * shape.dim + n) * element_size
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device, ids: str = "uniform", seed: int = 0):
@@ -174,6 +179,57 @@ def _hf_swapped(input_ids, token_weight, position_weight, position_ids):
     return F.dropout(placeholder + fused, DROPOUT_P, training=True)
 
 
+class EncoderInputs:
+    """What the encoder op takes beyond the GPT op's inputs (token types, LayerNorm), made once
+    per shape; the callables below read it, so that they keep the GPT rows' signature."""
+
+    def __init__(self, shape: Shape, dtype, device, seed: int = 1):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.token_type_weight = torch.nn.Parameter(
+            torch.randn(shape.type_vocab_size, shape.dim, generator=generator, device=device).to(dtype))
+        self.layer_norm_weight = torch.nn.Parameter(1 + 0.1 * torch.randn(shape.dim, generator=generator,
+                                                                          device=device).to(dtype))
+        self.layer_norm_bias = torch.nn.Parameter(0.1 * torch.randn(shape.dim, generator=generator,
+                                                                    device=device).to(dtype))
+        self.token_type_ids = torch.randint(0, shape.type_vocab_size, (shape.batch, shape.seq_len),
+                                            generator=generator, device=device)
+
+    def parameters(self):
+        return (self.token_type_weight, self.layer_norm_weight, self.layer_norm_bias)
+
+
+def encoder_implementations(extra: EncoderInputs, compiled: Optional[Callable] = None) -> Dict[str, Callable]:
+    """The bert-base rows: the fused encoder op beside Hugging Face's BertEmbeddings arithmetic in
+    eager PyTorch (three gathers, two adds, a LayerNorm) and its torch.compile; all with dropout
+    off (eval), as forward callables of the GPT rows' signature."""
+    from .encoder import fused_encoder_embedding
+
+    def fused(ids, word, position, position_ids):
+        return fused_encoder_embedding(ids, word, position, extra.token_type_weight, extra.token_type_ids,
+                                       layer_norm_weight=extra.layer_norm_weight,
+                                       layer_norm_bias=extra.layer_norm_bias, backend="triton")
+
+    def eager(ids, word, position, position_ids):
+        return _encoder_eager(ids, word, position, extra.token_type_weight, extra.token_type_ids,
+                              extra.layer_norm_weight, extra.layer_norm_bias)
+
+    impls = {"fused": fused, "eager": eager}
+    if compiled is not None:
+        impls["compile"] = lambda ids, word, position, position_ids: compiled(
+            ids, word, position, extra.token_type_weight, extra.token_type_ids, extra.layer_norm_weight,
+            extra.layer_norm_bias)
+    return impls
+
+
+def _encoder_eager(ids, word, position, token_type, token_type_ids, ln_weight, ln_bias):
+    positions = torch.arange(ids.shape[-1], device=ids.device)[None]
+    embeddings = F.embedding(ids, word) + F.embedding(token_type_ids, token_type)
+    embeddings = embeddings + F.embedding(positions, position)
+    return F.layer_norm(embeddings, (word.shape[1],), ln_weight, ln_bias, 1e-12)
+
+
+ENCODER_IMPLS = ("fused", "eager", "compile", "floor")
+
 _modules = {}
 
 
@@ -217,7 +273,7 @@ def implementations(compiled: Optional[Callable] = None,
     return impls
 
 
-def _step(forward, inputs, mode):
+def _step(forward, inputs, mode, also_clear=()):
     input_ids, position_ids, token_weight, position_weight, grad_out = inputs
     if mode == "fwd":
         def run():
@@ -227,6 +283,8 @@ def _step(forward, inputs, mode):
         def run():
             token_weight.grad = None
             position_weight.grad = None
+            for parameter in also_clear:
+                parameter.grad = None
             forward(input_ids, token_weight, position_weight, position_ids).backward(grad_out)
     return run
 
@@ -237,7 +295,8 @@ def _floor_step(shape: Shape, dtype, device, mode):
     dst = torch.empty_like(src)
     if mode == "fwd":
         return lambda: dst.copy_(src)
-    grad_tables = torch.empty((shape.vocab_size + shape.context_length) * shape.dim, device=device, dtype=dtype)
+    grad_tables = torch.empty((shape.vocab_size + shape.context_length + shape.type_vocab_size) * shape.dim,
+                              device=device, dtype=dtype)
     upstream = torch.randn(n, device=device).to(dtype)
 
     def run():
@@ -266,9 +325,9 @@ def _peak_extra_mb(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def _measure(forward, inputs, mode, timer, device, on_cuda) -> dict:
+def _measure(forward, inputs, mode, timer, device, on_cuda, also_clear=()) -> dict:
     """One row's measured fields (ms, peak_extra_mb, extra), after an untimed first call."""
-    step = _step(forward, inputs, mode)
+    step = _step(forward, inputs, mode, also_clear)
     started = time.perf_counter()
     step()  # first call: compilation / autotuning
     if on_cuda:
@@ -298,10 +357,17 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
             dtype = DTYPES[dtype_name]
             # A fresh compile cache per shape and dtype: no recompile limit, no stale graphs.
             torch._dynamo.reset()
-            compiled = torch.compile(_eager, fullgraph=True, dynamic=False) if "compile" in impls else None
-            compiled_dropout = torch.compile(_eager_dropout, fullgraph=True, dynamic=False) \
-                if "compile+dropout" in impls else None
-            forwards = implementations(compiled, compiled_dropout)
+            extra = None
+            if shape.type_vocab_size:  # the encoder op's shape: its own rows
+                extra = EncoderInputs(shape, dtype, device)
+                compiled = torch.compile(_encoder_eager, fullgraph=True, dynamic=False) if "compile" in impls \
+                    else None
+                forwards = encoder_implementations(extra, compiled)
+            else:
+                compiled = torch.compile(_eager, fullgraph=True, dynamic=False) if "compile" in impls else None
+                compiled_dropout = torch.compile(_eager_dropout, fullgraph=True, dynamic=False) \
+                    if "compile+dropout" in impls else None
+                forwards = implementations(compiled, compiled_dropout)
             for mode in modes:
                 timed = timer(_floor_step(shape, dtype, device, mode))
                 floor_q1, floor_ms, floor_q3 = timed if isinstance(timed, tuple) else (None, timed, None)
@@ -315,9 +381,12 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
                         if impl == "floor" or (id_kind != "uniform" and impl not in ("fused", "eager",
                                                                                       "fused+dropout")):
                             continue
+                        if impl not in forwards:  # (a row the shape has none of: the encoder's are fewer)
+                            continue
                         progress(f"{shape.name} {dtype_name} {mode} {impl} {id_kind}")
                         try:
-                            measured = _measure(forwards[impl], inputs, mode, timer, device, on_cuda)
+                            measured = _measure(forwards[impl], inputs, mode, timer, device, on_cuda,
+                                                () if extra is None else extra.parameters())
                         except Exception as error:  # noqa: BLE001  (reported, and the run goes on)
                             if failures is None:
                                 raise
@@ -339,6 +408,8 @@ def run_cuda(shapes: List[Shape], dtypes: List[str], modes: List[str], impls: Li
 #: What runs on a CPU: the module as users call it (its plain-PyTorch path there), and the two
 #: nn.Embedding modules summed that it replaces (positions from torch.arange, as GPT-2 code does).
 CPU_IMPLS = ("fused", "nn.Embedding x2")
+#: Every CPU row's implementation name (the encoder shape's comparator too).
+ALL_CPU_IMPLS = CPU_IMPLS + ("BertEmbeddings eager",)
 
 
 class TwoEmbeddings(torch.nn.Module):
@@ -352,12 +423,41 @@ class TwoEmbeddings(torch.nn.Module):
         return self.tok_emb(input_ids) + self.pos_emb(position_ids)
 
 
+class EagerBertEmbeddings(torch.nn.Module):
+    """Hugging Face BertEmbeddings' arithmetic (dropout off) on a FusedEncoderEmbedding's own modules."""
+
+    def __init__(self, fused):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, input_ids, position_ids=None, token_type_ids=None):
+        fused = self.fused
+        return _encoder_eager(input_ids, fused.word_embeddings.weight, fused.position_embeddings.weight,
+                              fused.token_type_embeddings.weight, token_type_ids, fused.LayerNorm.weight,
+                              fused.LayerNorm.bias)
+
+
+#: The CPU comparator of each kind of shape.
+CPU_COMPARATOR = {False: "nn.Embedding x2", True: "BertEmbeddings eager"}
+
+
 def _cpu_steps(shape: Shape, dtype: torch.dtype, mode: str) -> Dict[str, Callable[[], None]]:
-    from .module import FusedInputEmbedding
+    from .module import FusedEncoderEmbedding, FusedInputEmbedding
 
     input_ids, position_ids, token_weight, position_weight, grad_out = make_inputs(shape, dtype, "cpu")
-    fused = FusedInputEmbedding.from_pretrained(token_weight.detach(), position_weight.detach(), freeze=False)
-    modules = {"fused": fused, "nn.Embedding x2": TwoEmbeddings(fused.tok_emb, fused.pos_emb)}  # one set of tables
+    if shape.type_vocab_size:
+        fused = FusedEncoderEmbedding(shape.vocab_size, shape.context_length, shape.dim,
+                                      type_vocab_size=shape.type_vocab_size, dtype=dtype)
+        fused.word_embeddings.weight, fused.position_embeddings.weight = token_weight, position_weight
+        types = torch.randint(0, shape.type_vocab_size, input_ids.shape)
+        eager = EagerBertEmbeddings(fused)
+        modules = {"fused": lambda ids, pids: fused(ids, token_type_ids=types),
+                   CPU_COMPARATOR[True]: lambda ids, pids: eager(ids, token_type_ids=types)}
+        parameters = list(fused.parameters())
+    else:
+        fused = FusedInputEmbedding.from_pretrained(token_weight.detach(), position_weight.detach(), freeze=False)
+        modules = {"fused": fused, CPU_COMPARATOR[False]: TwoEmbeddings(fused.tok_emb, fused.pos_emb)}  # one set
+        parameters = list(fused.parameters())
 
     def step(module):
         if mode == "fwd":
@@ -366,7 +466,8 @@ def _cpu_steps(shape: Shape, dtype: torch.dtype, mode: str) -> Dict[str, Callabl
                     module(input_ids, position_ids)
         else:
             def run():
-                module.zero_grad(set_to_none=True)
+                for parameter in parameters:
+                    parameter.grad = None
                 module(input_ids, position_ids).backward(grad_out)
         return run
     return {name: step(module) for name, module in modules.items()}
@@ -414,7 +515,7 @@ def run_cpu(shapes: List[Shape], dtypes: List[str], modes: List[str], samples: i
                 progress(f"{shape.name} {dtype_name} {mode}")
                 times = _cpu_samples(_cpu_steps(shape, dtype, mode), samples, sample_s)
                 moved = bytes_moved(shape, torch.tensor([], dtype=dtype).element_size(), mode)
-                for impl in CPU_IMPLS:
+                for impl in times:
                     q1, ms, q3 = _quartiles(times[impl])
                     rows.append(Row(shape.name, dtype_name, mode, impl, "uniform", ms, float("nan"), moved,
                                     ms_q1=q1, ms_q3=q3, extra={"samples": len(times[impl])}))
@@ -431,11 +532,12 @@ def format_cpu_table(rows: List[Row]) -> str:
     for shape_name, dtype_name in dict.fromkeys((row.shape, row.dtype) for row in rows):
         shape = SHAPES.get(shape_name)
         title = f"{shape_name} ({shape.describe()}), {dtype_name}" if shape else f"{shape_name}, {dtype_name}"
-        out += [f"\n#### {title}, CPU\n", "| mode | impl | median ms | quartiles ms | x nn.Embedding x2 |",
-                "| --- | --- | ---: | ---: | ---: |"]
         group = [r for r in rows if (r.shape, r.dtype) == (shape_name, dtype_name)]
+        comparator = CPU_COMPARATOR[any(r.impl == CPU_COMPARATOR[True] for r in group)]
+        out += [f"\n#### {title}, CPU\n", f"| mode | impl | median ms | quartiles ms | x {comparator} |",
+                "| --- | --- | ---: | ---: | ---: |"]
         for row in group:
-            baseline = next(r.ms for r in group if r.mode == row.mode and r.impl == "nn.Embedding x2")
+            baseline = next(r.ms for r in group if r.mode == row.mode and r.impl == comparator)
             out.append(f"| {row.mode} | {row.impl} | {row.ms:.4f} | {_spread(row)} | {row.ms / baseline:.2f} |")
     return "\n".join(out)
 
@@ -493,9 +595,9 @@ def save_plot(rows: List[Row], path: str, env: dict) -> None:
     for ax, (mode, dtype) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r.mode == mode and r.dtype == dtype and r.ids in ("uniform", "-")]
         shapes = list(dict.fromkeys(r.shape for r in sel))
-        impls = [i for i in IMPLS + DROPOUT_IMPLS + HF_IMPLS + CPU_IMPLS if any(r.impl == i for r in sel)]
+        impls = [i for i in IMPLS + DROPOUT_IMPLS + HF_IMPLS + ALL_CPU_IMPLS if any(r.impl == i for r in sel)]
         width = 0.8 / max(len(impls), 1)
-        on_cpu = all(r.impl in CPU_IMPLS for r in sel)  # bandwidth means nothing for the CPU fallback
+        on_cpu = all(r.impl in ALL_CPU_IMPLS for r in sel)  # bandwidth means nothing for the CPU fallback
         for k, impl in enumerate(impls):
             values = [next(((r.ms if on_cpu else r.gbps) for r in sel if r.shape == s and r.impl == impl), 0.0)
                       for s in shapes]

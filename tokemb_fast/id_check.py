@@ -43,8 +43,9 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 #: Flag layout: [0] the lowest negative token id seen (0: none), [1] the highest token id >= its
 #: vocab size seen (0: none), [2] and [3] the same for positions, [4] and [5] the vocab size and
-#: position-table size of the call that recorded them.
-ID_FLAG_SIZE = 6
+#: position-table size of the call that recorded them; [6] and [7] the same for token-type ids
+#: (the encoder op's) and [8] the token-type table's size.
+ID_FLAG_SIZE = 9
 
 #: Training calls left for their backward to check before a forward checks them itself.
 _BACKLOG = 32
@@ -162,7 +163,7 @@ class _Guard:
             self._raise_if_recorded(self.flag.tolist())
 
     def _raise_if_recorded(self, values) -> None:
-        if not (values[0] or values[1] or values[2] or values[3]):
+        if not _recorded(values):
             return
         self._clear()
         for record in self.pending:
@@ -189,15 +190,27 @@ class _no_context:
         return False
 
 
+def _recorded(values) -> bool:
+    return bool(values[0] or values[1] or values[2] or values[3] or values[6] or values[7])
+
+
 def flag_error(values) -> str:
-    low_token, high_token, low_position, high_position, vocab_size, num_positions = values
+    low_token, high_token, low_position, high_position, vocab_size, num_positions, low_type, high_type, num_types = \
+        values
     if low_token or high_token:
         return token_error(low_token or high_token, vocab_size)
-    return position_error(low_position or high_position, num_positions)
+    if low_position or high_position:
+        return position_error(low_position or high_position, num_positions)
+    return token_type_error(low_type or high_type, num_types)
 
 
 def token_error(bad_id: int, vocab_size: int) -> str:
     return f"token id {bad_id} is out of range for vocab size {vocab_size} (valid ids are 0..{vocab_size - 1})"
+
+
+def token_type_error(bad_type: int, num_types: int) -> str:
+    return (f"token type id {bad_type} is out of range for a token-type table of {num_types} rows "
+            f"(valid token type ids are 0..{num_types - 1})")
 
 
 def position_error(bad_position: int, num_positions: int) -> str:
@@ -292,7 +305,7 @@ def compiled_flag(device: torch.device) -> Optional[torch.Tensor]:
 def _check_graph_flag(flag: torch.Tensor) -> None:
     with _graph_lock:
         values = flag.tolist()
-        if not (values[0] or values[1] or values[2] or values[3]):
+        if not _recorded(values):
             return
         flag.zero_()
     raise IndexError(flag_error(values) + " (found by the kernel in a compiled or captured graph; raised by "

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .encoder import fused_encoder_embedding
+from .encoder import last_backend as encoder_last_backend
 from .functional import BACKENDS, _fused, backend_name, last_backend
 from .options import check_mode
 from .validation import check_dropout, check_table_options, check_token_scale
@@ -248,3 +250,131 @@ def _as_dropout(dropout) -> nn.Dropout:
     if isinstance(dropout, nn.Module):
         raise TypeError(f"dropout must be a probability or an nn.Dropout, got {type(dropout).__name__}")
     return nn.Dropout(check_dropout(dropout, "dropout"))
+
+
+class FusedEncoderEmbedding(nn.Module):
+    """The encoder families' embedding (BERT, RoBERTa, DistilBERT, ELECTRA, XLM-RoBERTa), fused:
+    ``dropout(LayerNorm(word_embeddings(ids) + token_type_embeddings(types) + position_embeddings(positions)))``.
+
+    Args:
+        vocab_size, max_position_embeddings, hidden_size: the tables' rows and D.
+        type_vocab_size: rows of the token-type table (BERT's 2); 0 or None: no token types (DistilBERT).
+        padding_idx, position_padding_idx: rows of the word and position tables that get no gradient.
+        pad_position_id: RoBERTa's positions, made from the padding with this pad token id when no
+            position_ids are given (see ``fused_encoder_embedding``); None: past_length + arange(T).
+        layer_norm, layer_norm_eps: the LayerNorm of the sum (True: with weight and bias).
+        dropout, check_ids, backend, device, dtype: as ``FusedInputEmbedding``'s.
+
+    Submodules are named as in Hugging Face's ``BertEmbeddings`` (``word_embeddings``,
+    ``position_embeddings``, ``token_type_embeddings``, ``LayerNorm``, ``dropout``), so its
+    state_dict loads into this module and back. Read at every call, as FusedInputEmbedding reads its own.
+    """
+
+    def __init__(self, vocab_size: int, max_position_embeddings: int, hidden_size: int, *,
+                 type_vocab_size: Optional[int] = 2, padding_idx: Optional[int] = None,
+                 position_padding_idx: Optional[int] = None, pad_position_id: Optional[int] = None,
+                 layer_norm: bool = True, layer_norm_eps: float = 1e-12, dropout: float = 0.0, check_ids=True,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        check_table_options("word", vocab_size, padding_idx, None, 2.0)
+        check_table_options("position", max_position_embeddings, position_padding_idx, None, 2.0)
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx, **factory)
+        self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size,
+                                                padding_idx=position_padding_idx, **factory)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size, **factory) if type_vocab_size \
+            else None
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps, **factory) if layer_norm else None
+        self._set_call_options(dropout, pad_position_id, check_ids, backend)
+
+    def _set_call_options(self, dropout, pad_position_id, check_ids, backend) -> None:
+        self.dropout = _as_dropout(dropout)
+        if pad_position_id is not None and (isinstance(pad_position_id, bool) or not isinstance(pad_position_id, int)):
+            raise TypeError(f"pad_position_id must be an int (the pad token id) or None, got "
+                            f"{type(pad_position_id).__name__}")
+        self.pad_position_id = pad_position_id
+        self.check_ids = check_mode(check_ids)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None (TOKEMB_FAST_BACKEND decides), got {backend!r}")
+        self.backend = backend
+
+    @classmethod
+    def from_embeddings(cls, embeddings: Optional[nn.Module] = None, *, word_embeddings: Optional[nn.Embedding] = None,
+                        position_embeddings: Optional[nn.Embedding] = None,
+                        token_type_embeddings: Optional[nn.Embedding] = None, layer_norm: Optional[nn.Module] = None,
+                        dropout=0.0, pad_position_id: Optional[int] = None, check_ids=True,
+                        backend: Optional[str] = None) -> "FusedEncoderEmbedding":
+        """Wrap existing modules (shared, never copied): a Hugging Face ``BertEmbeddings``-style module
+        (``word_embeddings``, ``position_embeddings``, optional ``token_type_embeddings``, ``LayerNorm``,
+        ``dropout``; RoBERTa's and XLM-RoBERTa's bring their ``padding_idx`` as pad_position_id), or the
+        parts as keywords."""
+        if embeddings is not None:
+            word_embeddings = embeddings.word_embeddings
+            position_embeddings = embeddings.position_embeddings
+            token_type_embeddings = getattr(embeddings, "token_type_embeddings", None)
+            layer_norm = embeddings.LayerNorm
+            dropout = embeddings.dropout
+            if pad_position_id is None and type(embeddings).__name__ in ("RobertaEmbeddings", "XLMRobertaEmbeddings"):
+                pad_position_id = embeddings.padding_idx
+        for name, table in (("word_embeddings", word_embeddings), ("position_embeddings", position_embeddings),
+                            ("token_type_embeddings", token_type_embeddings)):
+            if table is None and name == "token_type_embeddings":
+                continue
+            if not isinstance(table, nn.Embedding):
+                raise TypeError(f"{name} must be an nn.Embedding, got {type(table).__name__}")
+            for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+                if getattr(table, option):
+                    raise ValueError(f"{name} has {option} set, which the encoder op does not support (the encoder "
+                                     f"families do not use it)")
+            if table.embedding_dim != word_embeddings.embedding_dim:
+                raise ValueError(f"{name} has embedding_dim {table.embedding_dim} but word_embeddings has "
+                                 f"{word_embeddings.embedding_dim}")
+        if layer_norm is not None:
+            if not isinstance(layer_norm, nn.LayerNorm) or tuple(layer_norm.normalized_shape) != \
+                    (word_embeddings.embedding_dim,):
+                raise TypeError(f"layer_norm must be an nn.LayerNorm over the last dimension "
+                                f"({word_embeddings.embedding_dim}), got {layer_norm!r}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.word_embeddings = word_embeddings
+        self.position_embeddings = position_embeddings
+        self.token_type_embeddings = token_type_embeddings
+        self.LayerNorm = layer_norm
+        self._set_call_options(dropout, pad_position_id, check_ids, backend)
+        return self
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.word_embeddings.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, past_length: int = 0) -> torch.Tensor:
+        modules = self._modules
+        # (No token-type table, or no LayerNorm: None, held as a plain attribute.)
+        word, position, token_type = modules["word_embeddings"], modules["position_embeddings"], \
+            modules.get("token_type_embeddings")
+        layer_norm, drop = modules.get("LayerNorm"), modules["dropout"]
+        out = fused_encoder_embedding(
+            input_ids, word.weight, position.weight, None if token_type is None else token_type.weight,
+            token_type_ids, position_ids, past_length, layer_norm=layer_norm is not None,
+            layer_norm_weight=None if layer_norm is None else layer_norm.weight,
+            layer_norm_bias=None if layer_norm is None else layer_norm.bias,
+            layer_norm_eps=1e-12 if layer_norm is None else layer_norm.eps, pad_position_id=self.pad_position_id,
+            padding_idx=word.padding_idx, position_padding_idx=position.padding_idx,
+            dropout_p=drop.p if drop.training else 0.0, check_ids=self.check_ids, backend=self.backend)
+        if not torch.compiler.is_compiling():
+            self.__dict__["last_backend"] = encoder_last_backend()
+        return out
+
+    last_backend = None
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(SCRIPT_UNSUPPORTED.format(type(self).__name__))
+
+    def extra_repr(self) -> str:
+        kind = "from padding (RoBERTa)" if self.pad_position_id is not None else "absolute"
+        return (f"vocab_size={self.word_embeddings.num_embeddings}, "
+                f"max_position_embeddings={self.position_embeddings.num_embeddings}, hidden_size={self.embedding_dim}, "
+                f"token_types={0 if self.token_type_embeddings is None else self.token_type_embeddings.num_embeddings}, "
+                f"positions={kind}, layer_norm={self.LayerNorm is not None}, check_ids={self.check_ids!r}, "
+                f"backend={self.last_backend!r}")

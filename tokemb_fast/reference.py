@@ -63,3 +63,50 @@ def _options_with_lookups(ids: torch.Tensor, max_norm: Optional[float], scale_gr
     if ids.numel() == 0:
         return None, False
     return max_norm, scale_grad_by_freq
+
+
+def positions_from_padding(input_ids: torch.Tensor, pad_id: int, past_length: int = 0) -> torch.Tensor:
+    """RoBERTa's positions (Hugging Face's ``create_position_ids_from_input_ids``, fairseq's
+    ``make_positions``): a non-pad id at step t gets pad_id + past_length + (its count of non-pad
+    ids in steps 0..t); a pad id gets pad_id."""
+    not_pad = input_ids.ne(pad_id).int()
+    return ((torch.cumsum(not_pad, dim=-1).type_as(not_pad) + past_length) * not_pad).long() + pad_id
+
+
+def encoder_embedding_reference(
+    input_ids: torch.Tensor,
+    word_weight: torch.Tensor,
+    position_weight: torch.Tensor,
+    token_type_weight: Optional[torch.Tensor] = None,
+    token_type_ids: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    past_length: int = 0,
+    *,
+    layer_norm: bool = True,
+    layer_norm_weight: Optional[torch.Tensor] = None,
+    layer_norm_bias: Optional[torch.Tensor] = None,
+    layer_norm_eps: float = 1e-12,
+    pad_position_id: Optional[int] = None,
+    padding_idx: Optional[int] = None,
+    position_padding_idx: Optional[int] = None,
+) -> torch.Tensor:
+    """The encoder families' embedding before its dropout, as Hugging Face's BertEmbeddings computes it:
+    ``LayerNorm(word[ids] + token_type[token_type_ids] + position[positions])``, added in that order.
+
+    Positions: position_ids ([T], [1, T] or [B, T]); else with pad_position_id (RoBERTa),
+    ``positions_from_padding(input_ids, pad_position_id, past_length)``; else past_length + arange(T).
+    token_type_ids default to zeros; without a token-type table there is no such term (DistilBERT).
+    """
+    if position_ids is None:
+        position_ids = positions_from_padding(input_ids, pad_position_id, past_length) if pad_position_id is not None \
+            else default_position_ids(input_ids.shape[-1], past_length, input_ids.device)
+    embeddings = F.embedding(input_ids, word_weight, padding_idx)
+    if token_type_weight is not None:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = embeddings + F.embedding(token_type_ids, token_type_weight)
+    embeddings = embeddings + F.embedding(position_ids, position_weight, position_padding_idx)
+    if layer_norm:
+        embeddings = F.layer_norm(embeddings, (word_weight.shape[1],), layer_norm_weight, layer_norm_bias,
+                                  layer_norm_eps)
+    return embeddings

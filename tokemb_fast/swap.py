@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import FusedInputEmbedding
+from .module import FusedEncoderEmbedding, FusedInputEmbedding
 from .options import check_mode
 
 _MARK = "_tokemb_fast_swapped"
@@ -623,8 +623,148 @@ HF_BIOGPT = _hf_family("Hugging Face BioGPT", _HF_BIOGPT,
                        "sqrt(D) * embed_tokens + embed_positions in one kernel (the scale fused); " + _HF_ADD)
 _HF_SPECS = (_HF_GPT2, _HF_GPT_NEO, _HF_BIGCODE, _HF_OPT, _HF_BIOGPT)
 
+# --- Hugging Face encoders (BERT, RoBERTa, DistilBERT, ELECTRA, XLM-RoBERTa) -------------------------
+#
+# Their embedding is a module of its own (BertEmbeddings and its kin): word + token type +
+# position, LayerNorm, dropout. The swap gives that module's instance a forward that runs the
+# fused encoder op on its own submodules (FusedEncoderEmbedding.from_embeddings), so the whole
+# block is one kernel; a call it cannot serve as the original would (inputs_embeds, positions
+# past the table) runs the original forward.
+
+class _EncoderSpec(NamedTuple):
+    embeddings_class: str        # the embeddings module's class name
+    module: str                  # the transformers.models submodule defining it
+    token_types: bool            # whether it has a token-type table
+    from_padding: bool           # RoBERTa's positions, made from the padding
+
+
+_ENCODER_SPECS = {
+    "bert": _EncoderSpec("BertEmbeddings", "bert", True, False),
+    "roberta": _EncoderSpec("RobertaEmbeddings", "roberta", True, True),
+    "distilbert": _EncoderSpec("Embeddings", "distilbert", False, False),
+    "electra": _EncoderSpec("ElectraEmbeddings", "electra", True, False),
+    "xlm-roberta": _EncoderSpec("XLMRobertaEmbeddings", "xlm_roberta", True, True),
+}
+
+
+def _encoder_embeddings(model, spec: _EncoderSpec):
+    """The model's embedding modules of this family."""
+    return [module for module in model.modules()
+            if type(module).__name__ == spec.embeddings_class
+            and type(module).__module__ == f"transformers.models.{spec.module}.modeling_{spec.module}"]
+
+
+def _encoder_mismatch(model, spec: _EncoderSpec) -> Optional[str]:
+    if not _is_hugging_face(model):
+        return "it is not a Hugging Face model"
+    found = _encoder_embeddings(model, spec)
+    if not found:
+        return f"it holds no {spec.embeddings_class} (transformers.models.{spec.module})"
+    for module in found:
+        tables = ["word_embeddings", "position_embeddings"] + (["token_type_embeddings"] if spec.token_types else [])
+        reason = _first(*[lambda name=name: _plain(getattr(module, name, None), nn.Embedding, name) for name in tables],
+                        lambda: _plain(getattr(module, "LayerNorm", None), nn.LayerNorm, "LayerNorm"),
+                        lambda: _plain(getattr(module, "dropout", None), nn.Dropout, "dropout"),
+                        lambda: _no_hooks(module, spec.embeddings_class))
+        if reason is not None:
+            return reason
+        for name in tables:
+            table = getattr(module, name)
+            for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+                if getattr(table, option):
+                    return f"{name} has {option} set"
+        if getattr(module, "position_embedding_type", "absolute") != "absolute":
+            return f"its position_embedding_type is {module.position_embedding_type!r}, not 'absolute'"
+        if tuple(module.LayerNorm.normalized_shape) != (module.word_embeddings.embedding_dim,):
+            return "its LayerNorm does not normalise the embedding dimension"
+        first = _parameters(_forward_of(module))[:1]
+        if not first or first[0].split("=")[0] != "input_ids":
+            return f"{spec.embeddings_class}.forward does not take input_ids first"
+    return None
+
+
+_SIGNATURES = {}
+
+
+def _encoder_arguments(module, args, kwargs):
+    """The original forward's arguments by name (HF calls with keywords only: no binding then)."""
+    cls = type(module)
+    signature = _SIGNATURES.get(cls)
+    if signature is None:
+        signature = _SIGNATURES[cls] = inspect.signature(cls.forward)
+    if not args and all(name in signature.parameters for name in kwargs):
+        return kwargs
+    return signature.bind(module, *args, **kwargs).arguments
+
+
+def _hf_encoder_forward(module, *args, **kwargs):
+    arguments = _encoder_arguments(module, args, kwargs)
+    input_ids = arguments.get("input_ids")
+    fused = module.__dict__[_FUSED]
+    if input_ids is None or arguments.get("inputs_embeds", arguments.get("input_embeds")) is not None:
+        return type(module).forward(module, *args, **kwargs)
+    position_ids = arguments.get("position_ids")
+    past_length = 0
+    if position_ids is None:
+        past_length = int(arguments.get("cache_length", arguments.get("past_key_values_length", 0)) or 0)
+        # The highest position the call can make (RoBERTa's: the pad id + past_length + T); a call
+        # that might run past the table fails as the original does (at once, whatever it raises).
+        highest = past_length + input_ids.shape[-1] - 1
+        if fused.pad_position_id is not None:
+            highest += fused.pad_position_id + 1
+        if highest >= fused.position_embeddings.num_embeddings:
+            return type(module).forward(module, *args, **kwargs)
+    return fused(input_ids, token_type_ids=arguments.get("token_type_ids"), position_ids=position_ids,
+                 past_length=past_length)
+
+
+def _encoder_install(spec: _EncoderSpec):
+    def install(model, check_ids):
+        for module in _encoder_embeddings(model, spec):
+            module.__dict__[_FUSED] = FusedEncoderEmbedding.from_embeddings(
+                module, pad_position_id=module.padding_idx if spec.from_padding else None, check_ids=check_ids)
+            module.forward = functools.partial(_hf_encoder_forward, module)
+    return install
+
+
+def _encoder_probe(model):
+    embeddings = next(module for spec in _ENCODER_SPECS.values() for module in _encoder_embeddings(model, spec))
+    ids = _probe_ids(model, embeddings.word_embeddings.num_embeddings,
+                     embeddings.position_embeddings.num_embeddings // 2, seq_len=5)
+
+    def run():
+        out = model(input_ids=ids)
+        for name in ("logits", "last_hidden_state", "prediction_logits"):
+            if getattr(out, name, None) is not None:
+                return [getattr(out, name)]
+        return [out[0]]
+    return run
+
+
+def _encoder_family(name, key, description, fused):
+    spec = _ENCODER_SPECS[key]
+    return Family(name, description, fused, lambda m: _encoder_mismatch(m, spec), _encoder_install(spec),
+                  _encoder_probe)
+
+
+_ENCODER_FUSED = ("word + token type + position, LayerNorm and dropout of {} in one kernel (the backward: one "
+                  "kernel for the LayerNorm, then one per table)")
+HF_BERT = _encoder_family("Hugging Face BERT", "bert", "any model holding a BertEmbeddings (BertModel, "
+                          "BertForMaskedLM, ...)", _ENCODER_FUSED.format("BertEmbeddings"))
+HF_ROBERTA = _encoder_family("Hugging Face RoBERTa", "roberta", "any model holding a RobertaEmbeddings (positions "
+                             "from the padding)", _ENCODER_FUSED.format("RobertaEmbeddings") +
+                             "; the positions computed in the kernel")
+HF_DISTILBERT = _encoder_family("Hugging Face DistilBERT", "distilbert", "any model holding DistilBERT's Embeddings "
+                                "(no token types)", _ENCODER_FUSED.format("Embeddings").replace("token type + ", ""))
+HF_ELECTRA = _encoder_family("Hugging Face ELECTRA", "electra", "any model holding an ElectraEmbeddings (its "
+                             "embeddings_project stays a separate layer)", _ENCODER_FUSED.format("ElectraEmbeddings"))
+HF_XLM_ROBERTA = _encoder_family("Hugging Face XLM-RoBERTa", "xlm-roberta", "any model holding an "
+                                 "XLMRobertaEmbeddings (positions from the padding)",
+                                 _ENCODER_FUSED.format("XLMRobertaEmbeddings") + "; the positions computed in the kernel")
+
 _FAMILIES = (LLMS_FROM_SCRATCH, LLMS_FROM_SCRATCH_KV, LLMS_FROM_SCRATCH_KV_OPTIMIZED, LLMS_FROM_SCRATCH_PACKAGE_KV,
-             NANOGPT, MINGPT, HF_GPT2, HF_GPT_NEO, HF_BIGCODE, HF_OPT, HF_BIOGPT)
+             NANOGPT, MINGPT, HF_GPT2, HF_GPT_NEO, HF_BIGCODE, HF_OPT, HF_BIOGPT, HF_BERT, HF_ROBERTA, HF_DISTILBERT,
+             HF_ELECTRA, HF_XLM_ROBERTA)
 
 
 # --- the swap ---------------------------------------------------------------------------------

@@ -56,9 +56,12 @@ def check_inputs(
     position_weight: torch.Tensor,
     position_ids: Optional[torch.Tensor],
     past_length: int,
+    default_positions: bool = True,
 ) -> Optional[torch.Tensor]:
     """Raise a clear exception for any bad argument (ids' values aside: ``check_id_ranges``);
-    return position_ids as [T] (for [T] ids) or [T] / [1, T] / [B, T]."""
+    return position_ids as [T] (for [T] ids) or [T] / [1, T] / [B, T]. default_positions=False:
+    positions not given are not past_length + arange(T) (the encoder op's RoBERTa positions),
+    so past_length + T is not checked against the table."""
     _check_table("token_weight", token_weight)
     _check_table("position_weight", position_weight)
     if token_weight.device != position_weight.device:
@@ -92,26 +95,34 @@ def check_inputs(
         if past_length != 0:
             raise ValueError("pass either position_ids or past_length, not both "
                              "(position_ids already say where each token sits)")
-        _check_id_tensor("position_ids", position_ids, device)
-        shape = tuple(position_ids.shape)
-        if position_ids.dim() == 2 and shape[0] == 1:
-            position_ids = position_ids[0] if input_ids.dim() == 1 else position_ids
-        allowed = [(seq_len,), (1, seq_len)]
-        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
-            allowed.append(tuple(input_ids.shape))
-        # Element by element rather than `shape not in allowed`: under torch.compile with automatic
-        # dynamic shapes, Dynamo answered that containment test wrongly for tuples of symbolic
-        # sizes (the CUDA Inductor test's 4th call, 2026-11-27), and took this raise branch.
-        if not any(len(shape) == len(option) and all(a == b for a, b in zip(shape, option)) for option in allowed):
-            raise ValueError(
-                f"position_ids must have shape {' or '.join(str(list(s)) for s in allowed)} "
-                f"to match input_ids {list(input_ids.shape)}, got {list(shape)}")
-    elif past_length + seq_len > num_positions:
+        position_ids = check_ids_like_positions("position_ids", position_ids, input_ids)
+    elif default_positions and past_length + seq_len > num_positions:
         raise IndexError(
             f"positions {past_length}..{past_length + seq_len - 1} (past_length={past_length}, T={seq_len}) "
             f"run past the position table: context_length is {num_positions}, so "
             f"past_length + T must be <= {num_positions}")
     return position_ids
+
+
+def check_ids_like_positions(name: str, ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Check ids that go with input_ids per step (position ids, token-type ids): integer, on
+    input_ids' device, [T], [1, T] or input_ids' [B, T]. Returned as [T] for [T] input_ids."""
+    _check_id_tensor(name, ids, input_ids.device)
+    seq_len = input_ids.shape[-1]
+    shape = tuple(ids.shape)
+    if ids.dim() == 2 and shape[0] == 1:
+        ids = ids[0] if input_ids.dim() == 1 else ids
+    allowed = [(seq_len,), (1, seq_len)]
+    if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+        allowed.append(tuple(input_ids.shape))
+    # Element by element rather than `shape not in allowed`: under torch.compile with automatic
+    # dynamic shapes, Dynamo answered that containment test wrongly for tuples of symbolic
+    # sizes (the CUDA Inductor test's 4th call, 2026-11-27), and took this raise branch.
+    if not any(len(shape) == len(option) and all(a == b for a, b in zip(shape, option)) for option in allowed):
+        raise ValueError(
+            f"{name} must have shape {' or '.join(str(list(s)) for s in allowed)} "
+            f"to match input_ids {list(input_ids.shape)}, got {list(shape)}")
+    return ids
 
 
 def check_lookup_options(options, vocab_size: int, num_positions: int) -> None:

@@ -1,0 +1,172 @@
+"""swap_input_embeddings on the Hugging Face encoder families, from tiny local configs (no
+downloads): BERT, RoBERTa and XLM-RoBERTa (positions from the padding), DistilBERT (no token
+types; sinusoidal positions too), ELECTRA (embedding size below the hidden size: its projection
+stays a layer of its own). The plain path runs PyTorch's own ops in Hugging Face's order, so it
+matches the unswapped model exactly; the kernels within one fp32 rounding of the LayerNorm."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
+
+from conftest import TRITON_DEVICE  # noqa: E402
+from tokemb_fast import FusedEncoderEmbedding, supported_families, swap_input_embeddings  # noqa: E402
+
+DEVICE = TRITON_DEVICE
+VOCAB, PAD = 61, 1
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=24, pad_token_id=PAD, hidden_dropout_prob=0.1)
+
+
+def builders():
+    return {
+        "bert": (lambda: transformers.BertForMaskedLM(transformers.BertConfig(**COMMON, type_vocab_size=2)),
+                 "bert", "Hugging Face BERT"),
+        "roberta": (lambda: transformers.RobertaForMaskedLM(transformers.RobertaConfig(**COMMON, type_vocab_size=1)),
+                    "roberta", "Hugging Face RoBERTa"),
+        "distilbert": (lambda: transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=24,
+            pad_token_id=PAD, dropout=0.1)), "distilbert", "Hugging Face DistilBERT"),
+        "electra": (lambda: transformers.ElectraForMaskedLM(transformers.ElectraConfig(
+            **COMMON, embedding_size=16, type_vocab_size=2)), "electra", "Hugging Face ELECTRA"),
+        "xlm-roberta": (lambda: transformers.XLMRobertaForMaskedLM(transformers.XLMRobertaConfig(
+            **COMMON, type_vocab_size=1)), "roberta", "Hugging Face XLM-RoBERTa"),
+    }
+
+
+FAMILIES = list(builders())
+TOKEN_TYPES = {"bert", "electra"}
+
+
+def pair(family):
+    build, _, name = builders()[family]
+    torch.manual_seed(0)
+    original = build().to(DEVICE).eval()
+    swapped = swap_input_embeddings(copy.deepcopy(original))
+    assert swapped.tokemb_fast_family == name
+    return original, swapped
+
+
+def embeddings_of(model, family):
+    return getattr(model, builders()[family][1]).embeddings
+
+
+def padded_batch():
+    ids = torch.randint(3, VOCAB, (3, 10), device=DEVICE)
+    ids[0, :3] = PAD  # left padding
+    ids[2, -4:] = PAD  # right padding
+    return ids, (ids != PAD).long()
+
+
+def assert_matches(got, expected, backend):
+    if backend == "torch":
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_every_gradient_match_with_padding_and_masks(backend, family):
+    original, swapped = pair(family)
+    ids, mask = padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    if family in TOKEN_TYPES:
+        kwargs["token_type_ids"] = (torch.arange(10, device=DEVICE) >= 5).long().expand(3, -1)
+    expected, got = original(**kwargs).logits, swapped(**kwargs).logits
+    assert_matches(got, expected, backend)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    named = dict(swapped.named_parameters())
+    for name, parameter in original.named_parameters():
+        if parameter.grad is None:
+            assert named[name].grad is None, name
+            continue
+        if backend == "torch":
+            torch.testing.assert_close(named[name].grad, parameter.grad, rtol=0, atol=0, msg=name)
+        else:
+            torch.testing.assert_close(named[name].grad, parameter.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_embeddings_modules_arguments_behave_as_the_originals(backend, family):
+    original, swapped = pair(family)
+    before, after = embeddings_of(original, family), embeddings_of(swapped, family)
+    assert isinstance(after.__dict__["_tokemb_fast_fused"], FusedEncoderEmbedding)
+    ids, _ = padded_batch()
+    calls = [dict(input_ids=ids), dict(input_ids=ids, position_ids=torch.arange(3, 13, device=DEVICE)[None])]
+    if family != "distilbert":
+        calls.append(dict(input_ids=ids, cache_length=4))  # (transformers 5.x's past_key_values_length)
+        if family in TOKEN_TYPES:
+            calls.append(dict(input_ids=ids, token_type_ids=torch.randint(0, 2, (3, 10), device=DEVICE)))
+        calls.append(dict(inputs_embeds=torch.randn(3, 10, before.word_embeddings.embedding_dim, device=DEVICE)))
+    with torch.no_grad():
+        for kwargs in calls:
+            assert_matches(after(**kwargs), before(**kwargs), backend)
+        assert_matches(after(ids), before(ids), backend)  # positionally, as some callers do
+        # Positions past the table: the original's own failure, whatever it is.
+        too_long = torch.randint(3, VOCAB, (1, 30), device=DEVICE)
+        errors = []
+        for module in (before, after):
+            try:
+                module(input_ids=too_long)
+                errors.append(None)
+            except Exception as error:  # noqa: BLE001
+                errors.append(type(error))
+        assert errors[0] is not None and errors[1] == errors[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout_is_fused_and_follows_train_and_eval(backend, family):
+    _, swapped = pair(family)
+    embeddings = embeddings_of(swapped, family)
+    ids = torch.randint(3, VOCAB, (8, 16), device=DEVICE)
+    embeddings.train()
+    with torch.no_grad():
+        dropped = embeddings(input_ids=ids)
+        embeddings.eval()
+        clean = embeddings(input_ids=ids)
+    kept = dropped != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.03
+    torch.testing.assert_close(dropped[kept], clean[kept] / 0.9, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_from_pretrained_round_trip(family, tmp_path):
+    original, swapped = pair(family)
+    assert list(swapped.state_dict()) == list(original.state_dict())
+    swapped.save_pretrained(tmp_path)
+    loaded = type(original).from_pretrained(tmp_path).to(DEVICE).eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   original(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+        swap_input_embeddings(loaded)
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   swapped(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def test_distilbert_with_sinusoidal_positions_and_electra_with_its_projection(backend):
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=24, pad_token_id=PAD, sinusoidal_pos_embds=True)
+    torch.manual_seed(0)
+    model = transformers.DistilBertModel(config).to(DEVICE).eval()
+    swapped = swap_input_embeddings(copy.deepcopy(model))
+    ids, mask = padded_batch()
+    assert_matches(swapped(input_ids=ids, attention_mask=mask).last_hidden_state,
+                   model(input_ids=ids, attention_mask=mask).last_hidden_state, backend)
+    original, electra = pair("electra")
+    assert isinstance(electra.electra.embeddings_project, torch.nn.Linear)  # (16 -> 32: not part of the fusion)
+
+
+def test_the_families_are_listed_and_a_hooked_layer_norm_is_refused():
+    names = [family.name for family in supported_families()]
+    for name in ("Hugging Face BERT", "Hugging Face RoBERTa", "Hugging Face DistilBERT", "Hugging Face ELECTRA",
+                 "Hugging Face XLM-RoBERTa"):
+        assert name in names
+    model = transformers.BertModel(transformers.BertConfig(**COMMON))
+    model.embeddings.LayerNorm.register_forward_hook(lambda *args: None)
+    with pytest.raises(TypeError, match="Hugging Face BERT: .*LayerNorm has forward hooks"):
+        swap_input_embeddings(model)
+    assert "forward" not in model.embeddings.__dict__
