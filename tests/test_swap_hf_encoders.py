@@ -170,3 +170,18 @@ def test_the_families_are_listed_and_a_hooked_layer_norm_is_refused():
     with pytest.raises(TypeError, match="Hugging Face BERT: .*LayerNorm has forward hooks"):
         swap_input_embeddings(model)
     assert "forward" not in model.embeddings.__dict__
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_float64_models_match_to_the_last_bit_on_the_plain_path(backend, family):
+    build, _, _ = builders()[family]
+    torch.manual_seed(0)
+    original = build().to(DEVICE, torch.float64).eval()
+    swapped = swap_input_embeddings(copy.deepcopy(original))
+    ids, mask = padded_batch()
+    expected = original(input_ids=ids, attention_mask=mask).logits
+    got = swapped(input_ids=ids, attention_mask=mask).logits
+    if backend == "torch":
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:  # the kernels' LayerNorm: another reduction order, in fp64
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -374,11 +374,15 @@ def _run_forward(input_ids, word_weight, position_weight, token_type_weight, tok
                       options)
     scale = None if seed is None else _dropout_scale(options.dropout_p, device, cache=direct)
     eps = _constant(options.layer_norm_eps, device, cache=direct) if options.layer_norm else None
-    launch = ops.encoder_embedding_forward.direct if direct else ops.encoder_embedding_forward
-    out, mean, rstd = launch(input_ids, word_weight, position_weight, token_type_weight, position_ids, token_type_ids,
-                             layer_norm_weight, layer_norm_bias, eps, options.past_length, options.pad_position_id,
-                             options.pad_position_id >= 0 and position_ids is None, options.layer_norm, training,
-                             options.dropout_p, seed, scale, flag)
+    arguments = (input_ids, word_weight, position_weight, token_type_weight, position_ids, token_type_ids,
+                 layer_norm_weight, layer_norm_bias, eps, options.past_length, options.pad_position_id,
+                 options.pad_position_id >= 0 and position_ids is None, options.layer_norm, training,
+                 options.dropout_p, seed, scale)
+    if direct or flag is not None:
+        launch = ops.encoder_embedding_forward.direct if direct else ops.encoder_embedding_forward
+        out, mean, rstd = launch(*arguments, flag)
+    else:  # through dispatch with no flag to write: the op that mutates nothing (exported graphs hold it)
+        out, mean, rstd = ops.encoder_embedding(*arguments)
     record = None if guard is None else guard.after_launch(wait_at_next_call=not training)
     return out, mean, rstd, record
 

@@ -1,7 +1,7 @@
-"""Exporting models that use the fused op: what a consumer of an exported program needs.
+"""Exporting models that use the fused ops: what a consumer of an exported program needs.
 
 An exported program (``torch.export.export``) of the Triton path holds the op
-``tokemb_fast::input_embedding``, a pure function (exported programs write no id flag: see
+``tokemb_fast::input_embedding`` (the encoder op: ``tokemb_fast::encoder_embedding``), a pure function (exported programs write no id flag: see
 ``tokemb_fast.id_check``). Consumers that run PyTorch ops (``ep.module()``, AOTInductor on a GPU,
 which compiles the op's Triton kernels) need nothing more. For consumers that do not know the op,
 it decomposes into two embedding lookups and an add (``triton_ops.decomposed_input_embedding``):
@@ -16,9 +16,11 @@ import torch
 
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     """The op's decomposition, by overload: for a decomposition table of your own."""
-    from .autograd import _ops
-    ops = _ops()  # (imports Triton: the op exists once the Triton path has been imported)
-    return {torch.ops.tokemb_fast.input_embedding.default: ops.decomposed_input_embedding}
+    from .encoder import _ops_encoder
+    encoder_ops = _ops_encoder()  # (imports Triton and both ops' launchers)
+    from . import triton_ops
+    return {torch.ops.tokemb_fast.input_embedding.default: triton_ops.decomposed_input_embedding,
+            torch.ops.tokemb_fast.encoder_embedding.default: encoder_ops.decomposed_encoder_embedding}
 
 
 def decomposition_table() -> Dict[torch._ops.OpOverload, Callable]:

@@ -7,6 +7,7 @@ interpreter) whose body launches through ``wrap_triton`` when traced and through
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch._decomp
 import triton
 
 from .kernels import encoder_embedding_bwd_kernel, encoder_embedding_fwd_kernel
@@ -152,6 +153,80 @@ def encoder_embedding_forward(
                     dropout_scale, id_flag, traced=_tracing())
 
 
+def _pure_forward_eager(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight,
+                        ln_bias, eps, past_length, pad_id, positions_from_padding, layer_norm, save_stats, dropout_p,
+                        dropout_seed, dropout_scale):
+    return _forward(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias,
+                    eps, past_length, pad_id, positions_from_padding, layer_norm, save_stats, dropout_p, dropout_seed,
+                    dropout_scale, None, traced=False)
+
+
+@_define_op("tokemb_fast::encoder_embedding", _pure_forward_eager)
+def encoder_embedding(
+    input_ids: torch.Tensor,
+    word_weight: torch.Tensor,
+    position_weight: torch.Tensor,
+    type_weight: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    type_ids: Optional[torch.Tensor],
+    ln_weight: Optional[torch.Tensor],
+    ln_bias: Optional[torch.Tensor],
+    eps: Optional[torch.Tensor],
+    past_length: int,
+    pad_id: int,
+    positions_from_padding: bool,
+    layer_norm: bool,
+    save_stats: bool,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    dropout_scale: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """encoder_embedding_forward without an id flag: a pure function, what traced graphs hold when
+    no flag is written (check_ids=False, exported programs); ``decomposed_encoder_embedding`` is
+    its decomposition for consumers that do not know it."""
+    return _forward(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias,
+                    eps, past_length, pad_id, positions_from_padding, layer_norm, save_stats, dropout_p, dropout_seed,
+                    dropout_scale, None, traced=_tracing())
+
+
+def decomposed_encoder_embedding(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight,
+                                 ln_bias, eps, past_length, pad_id, positions_from_padding, layer_norm, save_stats,
+                                 dropout_p, dropout_seed, dropout_scale):
+    """``tokemb_fast::encoder_embedding`` in ATen ops: the lookups, adds and LayerNorm in fp32 (fp64
+    for fp64 tables), rounded once; as for the GPT op's decomposition, a bad id is the consumer's
+    error and dropout draws the consumer's own mask."""
+    accumulate = torch.float64 if word_weight.dtype == torch.float64 else torch.float32
+    batch, seq_len = input_ids.shape
+    if position_ids is None:
+        if positions_from_padding:
+            not_pad = input_ids.ne(pad_id).int()
+            position_ids = ((torch.cumsum(not_pad, dim=1).type_as(not_pad) + past_length) * not_pad).long() + pad_id
+        else:
+            position_ids = torch.arange(past_length, past_length + seq_len, device=input_ids.device).unsqueeze(0)
+    x = torch.ops.aten.embedding.default(word_weight, input_ids).to(accumulate)
+    if type_weight is not None:
+        types = torch.zeros_like(input_ids) if type_ids is None else type_ids
+        x = x + torch.ops.aten.embedding.default(type_weight, types).to(accumulate)
+    x = x + torch.ops.aten.embedding.default(position_weight, position_ids).to(accumulate)
+    mean = rstd = x.new_empty(0)
+    if layer_norm:
+        variance, row_mean = torch.var_mean(x, dim=-1, correction=0)
+        rstd_rows = torch.rsqrt(variance + eps.to(accumulate))
+        x = (x - row_mean.unsqueeze(-1)) * rstd_rows.unsqueeze(-1)
+        if ln_weight is not None:
+            x = x * ln_weight.to(accumulate)
+        if ln_bias is not None:
+            x = x + ln_bias.to(accumulate)
+        if save_stats:
+            mean, rstd = row_mean.reshape(-1), rstd_rows.reshape(-1)
+    if dropout_seed is not None:
+        x = torch.ops.aten.native_dropout.default(x, dropout_p, True)[0]
+    return x.to(word_weight.dtype), mean, rstd
+
+
+torch._decomp.register_decomposition(torch.ops.tokemb_fast.encoder_embedding.default)(decomposed_encoder_embedding)
+
+
 def _backward(grad_out, mean, rstd, input_ids, word_weight, position_weight, type_weight, position_ids, type_ids,
               ln_weight, past_length, pad_id, positions_from_padding, layer_norm, dropout_p, dropout_seed,
               dropout_scale, traced):
@@ -232,6 +307,14 @@ if INTERPRETED:
     def _(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias, eps,
           past_length, pad_id, positions_from_padding, layer_norm, save_stats, dropout_p, dropout_seed, dropout_scale,
           id_flag):
+        accumulate = torch.float64 if word_weight.dtype == torch.float64 else torch.float32
+        stats = input_ids.numel() if (layer_norm and save_stats) else 0
+        return (word_weight.new_empty((*input_ids.shape, word_weight.shape[1])),
+                word_weight.new_empty(stats, dtype=accumulate), word_weight.new_empty(stats, dtype=accumulate))
+
+    @encoder_embedding.register_fake
+    def _(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias, eps,
+          past_length, pad_id, positions_from_padding, layer_norm, save_stats, dropout_p, dropout_seed, dropout_scale):
         accumulate = torch.float64 if word_weight.dtype == torch.float64 else torch.float32
         stats = input_ids.numel() if (layer_norm and save_stats) else 0
         return (word_weight.new_empty((*input_ids.shape, word_weight.shape[1])),
