@@ -112,6 +112,10 @@ def use_gpu_id_check_protocol(event_us: float) -> None:
 
     id_check._GUARD_CLASS = GpuLikeGuard
     id_check._thread_guards().clear()
+    # On a GPU the general path and the planned one see the same stream handle (PyTorch's current
+    # stream, which Triton's driver reports too): one guard per thread. Here the stand-in driver
+    # names its own stream for CPU tensors, so the general path must name it too.
+    id_check.launch_stream = lambda device: driver.active.get_current_stream(driver.active.get_current_device())
 
 
 def main(argv=None) -> int:

@@ -227,3 +227,28 @@ def test_an_inference_call_with_a_bad_id_raises_at_the_next_call(backend):
              backend=backend)
         with pytest.raises(IndexError, match="token type id 7"):
             call(torch.tensor([[1, 2]], device=DEVICE), weights, backend=backend)
+
+
+def test_double_backward_with_unchecked_bad_ids_adds_nothing_for_them(backend):
+    weights = tables(torch.float64)
+    ids = torch.tensor([[1, 99, 3]], device=DEVICE)
+    out = call(ids, weights, check_ids=False, backend=backend)
+    loss = out.nan_to_num(0.0).square().sum()
+    grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
+    sum(grad.sum() for grad in grads).backward()
+    assert all(torch.isfinite(tensor.grad).all() for tensor in weights.values())
+
+
+def test_strided_and_transposed_tables_give_the_same_result(backend):
+    weights = tables(requires_grad=False)
+    ids = torch.randint(0, VOCAB, (2, 5), device=DEVICE)
+    expected = call(ids, weights, backend=backend)
+    strided = dict(weights)
+    strided["word_weight"] = weights["word_weight"].t().contiguous().t()  # column stride VOCAB
+    wide = torch.randn(POSITIONS, DIM + 3, device=DEVICE)
+    wide[:, :DIM] = weights["position_weight"]
+    strided["position_weight"] = wide[:, :DIM]  # row stride DIM + 3
+    spaced = torch.randn(2 * DIM, device=DEVICE)
+    spaced[::2] = weights["layer_norm_weight"]
+    strided["layer_norm_weight"] = spaced[::2]  # stride 2
+    torch.testing.assert_close(call(ids, strided, backend=backend), expected, rtol=1e-6, atol=1e-6)

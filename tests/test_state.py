@@ -231,6 +231,59 @@ def test_check_ids_now_raises_the_calling_threads_errors_only(monkeypatch):
     run_in_threads(bad, other)
 
 
+@triton_only
+def test_a_raise_for_one_call_covers_the_later_pending_calls_instead_of_losing_them(monkeypatch):
+    # Two training calls with bad ids, then the first one's backward: its error is raised (and the
+    # flag cleared); the second call's bad id must not vanish with it. It is either in that error
+    # (the flag is sticky: one error can stand for several calls) or raised by its own backward.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    module = FusedInputEmbedding(10, 6, 4, device=DEVICE)
+    first = module(torch.tensor([[1, 99]], device=DEVICE))
+    second = module(torch.tensor([[1, -7]], device=DEVICE))
+    with pytest.raises(IndexError) as raised:
+        first.sum().backward()
+    if "token id -7" not in str(raised.value):
+        with pytest.raises(IndexError, match="token id -7"):
+            second.sum().backward()
+    check_ids_now()
+
+
+@triton_only
+def test_a_thread_that_ends_with_a_bad_id_pending_leaves_it_to_check_ids_now(monkeypatch):
+    import gc
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    module = FusedInputEmbedding(10, 6, 4, device=DEVICE)
+
+    def body():
+        with torch.no_grad():
+            module(torch.tensor([[1, 42]], device=DEVICE))  # raised at this thread's next call: none comes
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    gc.collect()  # (the ended thread's table and its guard are collected)
+    with pytest.raises(IndexError, match="token id 42 is out of range"):
+        check_ids_now()
+    check_ids_now()
+
+
+@triton_only
+@pytest.mark.parametrize("option", ["max_norm", "dropout"])
+def test_a_call_raising_an_earlier_calls_error_changes_nothing_first(monkeypatch, option):
+    # The next call raises the earlier inference call's error: before it renormalises anything or
+    # draws a dropout seed from the generator.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    kwargs = {"max_norm": 0.5} if option == "max_norm" else {"dropout_p": 0.5}
+    token_weight = torch.randn(10, 4, device=DEVICE) * 3
+    position_weight = torch.randn(6, 4, device=DEVICE)
+    with torch.no_grad():
+        fused_input_embedding(torch.tensor([[1, 50]], device=DEVICE), token_weight, position_weight)
+    before, state = token_weight.clone(), torch.random.get_rng_state()
+    with pytest.raises(IndexError, match="token id 50"):
+        fused_input_embedding(torch.tensor([[1, 2]], device=DEVICE), token_weight, position_weight, **kwargs)
+    assert torch.equal(token_weight, before) and torch.equal(torch.random.get_rng_state(), state)
+
+
 # --- 3. the interpreter and the import from many threads at once ---------------------------------
 
 def test_first_calls_from_many_threads_at_once_import_and_launch_safely():

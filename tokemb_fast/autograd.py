@@ -60,6 +60,8 @@ def _constant(value: float, device: torch.device, cache: bool) -> torch.Tensor:
     key = (value, device)
     constant = _constants.get(key) if cache else None
     if constant is None:
+        if cache and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            cache = False  # (its fill would only be captured, not run: nothing to keep)
         if cache:
             # Kept for later calls in any mode: a plain tensor (not an inference tensor).
             constant = id_check.new_persistent(lambda: torch.full((1,), value, dtype=torch.float64, device=device))
@@ -167,7 +169,14 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
         token_scale = _constant(options.token_scale, device, cache=direct)
     shard = options.shard
     sharding = () if shard is None else (shard.row_offset, shard.vocab_size, shard.add_positions)
-    if direct or flag is not None:
+    record = None
+    if guard is not None:
+        with guard.lock:  # (until the launch is recorded: see id_check._Guard.after_launch)
+            launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
+            out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length,
+                         options.dropout_p, dropout_seed, scale, flag, token_scale, *sharding)
+            record = guard.after_launch(wait_at_next_call)
+    elif direct or flag is not None:
         launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
         out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
                      dropout_seed, scale, flag, token_scale, *sharding)
@@ -176,9 +185,6 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
         # nothing, so that a traced graph holds a pure function (with a decomposition).
         out = ops.input_embedding(input_ids, token_weight, position_weight, position_ids, options.past_length,
                                   options.dropout_p, dropout_seed, scale, token_scale, *sharding)
-    record = None
-    if guard is not None:
-        record = guard.after_launch(wait_at_next_call)
     return (out[0] if one_dim else out), record
 
 

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from . import id_check
 from .autograd import (_constant, _dropout_mask, _dropout_scale, _fake_mode_active, _forward_ad_active,
-                       _in_transform, _legacy_batched, _ops, _PLAIN, dropout_seed)
+                       _in_transform, _kernel_table, _legacy_batched, _ops, _PLAIN, dropout_seed)
 from .functional import _backend_variable, resolve_backend
 from .options import check_mode
 from .reference import default_position_ids, encoder_embedding_reference, positions_from_padding
-from .validation import (_check_dense, check_dropout, check_ids_like_positions, check_inputs, check_table_options)
+from .validation import (check_dense, check_dropout, check_ids_like_positions, check_inputs, check_table_options)
 
 _encoder_ops = None
 
@@ -150,6 +150,9 @@ def fused_encoder_embedding(
         if options.dropout_p > 0:
             out = F.dropout(out, options.dropout_p, training=True)
     else:
+        if options.dropout_p > 0 and options.check_ids is True and not torch.compiler.is_compiling() and \
+                not torch._C._len_torch_dispatch_stack():
+            id_check.settle(word_weight.device)  # (an earlier call's error before the seed is drawn)
         seed = dropout_seed(word_weight.device) if options.dropout_p > 0 else None
         tensors = (input_ids, word_weight, position_weight, token_type_weight, token_type_ids, position_ids,
                    layer_norm_weight, layer_norm_bias)
@@ -179,7 +182,7 @@ def _prepare(input_ids, word_weight, position_weight, token_type_weight, token_t
     if token_type_weight is not None:
         if not isinstance(token_type_weight, torch.Tensor):
             raise TypeError(f"token_type_weight must be a torch.Tensor or None, got {type(token_type_weight).__name__}")
-        _check_dense("token_type_weight", token_type_weight)
+        check_dense("token_type_weight", token_type_weight)
         if token_type_weight.dim() != 2 or token_type_weight.shape[1] != dim:
             raise ValueError(f"token_type_weight must be [type_vocab_size, {dim}] (the word table's embedding_dim), "
                              f"got shape {tuple(token_type_weight.shape)}")
@@ -201,7 +204,7 @@ def _prepare(input_ids, word_weight, position_weight, token_type_weight, token_t
             raise ValueError(f"{name} was given with layer_norm=False")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
-        _check_dense(name, tensor)
+        check_dense(name, tensor)
         if tuple(tensor.shape) != (dim,) or not tensor.is_floating_point() or tensor.device != word_weight.device:
             raise ValueError(f"{name} must be a floating-point [{dim}] tensor on {word_weight.device} (the "
                              f"embedding_dim), got a {tensor.dtype} tensor of shape {tuple(tensor.shape)} on "
@@ -360,6 +363,8 @@ def _run_forward(input_ids, word_weight, position_weight, token_type_weight, tok
         with torch.cuda.device(device):  # Triton launches on the current device
             return _run_forward(input_ids, word_weight, position_weight, token_type_weight, token_type_ids,
                                 position_ids, layer_norm_weight, layer_norm_bias, options, seed, training)
+    word_weight, position_weight, token_type_weight, layer_norm_weight, layer_norm_bias = _kernel_tensors(
+        word_weight, position_weight, token_type_weight, layer_norm_weight, layer_norm_bias, compiling)
     plain = not compiling and all(type(t) in _PLAIN for t in (input_ids, word_weight, position_weight,
                                                                token_type_weight, token_type_ids, position_ids))
     direct = plain and torch._C._len_torch_dispatch_stack() == 0
@@ -378,19 +383,37 @@ def _run_forward(input_ids, word_weight, position_weight, token_type_weight, tok
                  layer_norm_weight, layer_norm_bias, eps, options.past_length, options.pad_position_id,
                  options.pad_position_id >= 0 and position_ids is None, options.layer_norm, training,
                  options.dropout_p, seed, scale)
-    if direct or flag is not None:
-        launch = ops.encoder_embedding_forward.direct if direct else ops.encoder_embedding_forward
+    launch = ops.encoder_embedding_forward.direct if direct else ops.encoder_embedding_forward
+    record = None
+    if guard is not None:
+        with guard.lock:  # (until the launch is recorded: see id_check._Guard.after_launch)
+            out, mean, rstd = launch(*arguments, flag)
+            record = guard.after_launch(wait_at_next_call=not training)
+    elif direct or flag is not None:
         out, mean, rstd = launch(*arguments, flag)
     else:  # through dispatch with no flag to write: the op that mutates nothing (exported graphs hold it)
         out, mean, rstd = ops.encoder_embedding(*arguments)
-    record = None if guard is None else guard.after_launch(wait_at_next_call=not training)
     return out, mean, rstd, record
+
+
+def _kernel_tensors(word_weight, position_weight, token_type_weight, layer_norm_weight, layer_norm_bias, compiling):
+    """The tables as the kernels read them (the values a lookup sees, unit column stride), and the
+    LayerNorm parameters contiguous."""
+    tables = [None if table is None else _kernel_table(table, compiling)
+              for table in (word_weight, position_weight, token_type_weight)]
+    vectors = [None if vector is None else vector.resolve_neg().contiguous()
+               for vector in (layer_norm_weight, layer_norm_bias)]
+    return (*tables, *vectors)
 
 
 def _kernel_backward(grad_out, mean, rstd, input_ids, word_weight, position_weight, token_type_weight, token_type_ids,
                      position_ids, layer_norm_weight, layer_norm_bias, seed, options, needs):
     encoder_ops = _ops_encoder()
     ops = _ops()
+    ln_parameters = layer_norm_weight, layer_norm_bias  # (their gradients take these dtypes)
+    word_weight, position_weight, token_type_weight, layer_norm_weight, layer_norm_bias = _kernel_tensors(
+        word_weight, position_weight, token_type_weight, layer_norm_weight, layer_norm_bias,
+        torch.compiler.is_compiling())
     direct = not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0 and \
         all(type(t) in _PLAIN for t in (grad_out, input_ids, position_ids, token_type_ids))
     device = grad_out.device
@@ -425,8 +448,8 @@ def _kernel_backward(grad_out, mean, rstd, input_ids, word_weight, position_weig
             token_type[0] = grad_sum.reshape(-1, grad_sum.shape[-1]).sum(0, dtype=accumulate).to(grad_sum.dtype)
         else:
             token_type = table_grad(token_type_ids.expand(batch, -1), token_type_weight.shape[0], None)
-    ln_weight = grad_ln_weight.to(layer_norm_weight.dtype) if needs[6] and layer_norm_weight is not None else None
-    ln_bias = grad_ln_bias.to(layer_norm_bias.dtype) if needs[7] and layer_norm_bias is not None else None
+    ln_weight = grad_ln_weight.to(ln_parameters[0].dtype) if needs[6] and layer_norm_weight is not None else None
+    ln_bias = grad_ln_bias.to(ln_parameters[1].dtype) if needs[7] and layer_norm_bias is not None else None
     return word, position, token_type, ln_weight, ln_bias
 
 
@@ -438,8 +461,9 @@ def _differentiable_backward(grad_out, input_ids, word_weight, position_weight, 
                                                     (6, layer_norm_weight), (7, layer_norm_bias))
               if tensor is not None and needs[index]]
     with torch.enable_grad():
-        out = _reference(input_ids, word_weight, position_weight, token_type_weight, token_type_ids,
-                         _positions(input_ids, position_ids, options), layer_norm_weight, layer_norm_bias, options)
+        # (Unchecked: rows of bad ids, if any, read row 0 and add nothing, as in the kernels.)
+        out = _plain(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, position_ids,
+                     layer_norm_weight, layer_norm_bias, options._replace(check_ids=False))
         if seed is not None:
             out = out * _dropout_mask(out.shape, out.dtype, out.device, _dropout_options(options), seed)
         grads = torch.autograd.grad(out, [tensor for _, tensor in inputs], grad_out, create_graph=True,

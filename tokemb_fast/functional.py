@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .id_check import new_persistent
+from .id_check import settle as settle_id_checks
 from .autograd import (_forward_ad_active, _FusedInputEmbedding, _in_transform, apply_checked, apply_planned, dropout_seed,
                        planned_forward, run_forward)
 from .options import LookupOptions, TableOptions, check_mode
 from .reference import default_position_ids, input_embedding_reference
-from .validation import check_dropout, check_id_ranges, check_inputs, check_table_options, check_token_scale
+from .validation import (check_dense, check_dropout, check_id_ranges, check_inputs, check_table_options,
+                         check_token_scale)
 
 BACKENDS = ("auto", "triton", "torch")
 _TRITON_IMPORT_ERROR: Optional[BaseException] = None
@@ -116,6 +118,9 @@ class _Prepared(NamedTuple):
     #: Triton calls that can be planned: PlannedForwards (False: never) by the planned key in _fused;
     #: None where none can be
     planned: Optional[dict]
+    #: The kernel checks ids and the call changes state before its launch (max_norm, a dropout seed):
+    #: earlier calls' errors are raised first (id_check.settle)
+    settle_first: bool = False
 
 
 _prepared = {}
@@ -215,11 +220,12 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
     prepared = key = None
     if not compiling:
         try:
-            key = (backend, _backend_variable(), input_ids.shape, input_ids.dtype, input_ids.device, input_ids.layout,
-                   token_weight.shape, token_weight.dtype, token_weight.device, token_weight.layout,
-                   position_weight.shape, position_weight.dtype, position_weight.device, position_weight.layout,
-                   None if position_ids is None else
-                   (position_ids.shape, position_ids.dtype, position_ids.device, position_ids.layout),
+            # (Not the layouts, 0.1 us each: a sparse or nested tensor fails where a dense one runs, and
+            # _check_layouts then says what is wrong.)
+            key = (backend, _backend_variable(), input_ids.shape, input_ids.dtype, input_ids.device,
+                   token_weight.shape, token_weight.dtype, token_weight.device, position_weight.shape,
+                   position_weight.dtype, position_weight.device,
+                   None if position_ids is None else (position_ids.shape, position_ids.dtype, position_ids.device),
                    # Types too: True == 1 and hashes alike, but only one of them is a valid past_length.
                    past_length, type(past_length), table_options, tuple(map(type, table_options)), dropout_p,
                    type(dropout_p), check_ids, type(check_ids), token_scale, type(token_scale), shard)
@@ -258,9 +264,15 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
                 # Unchecked, and F.embedding's own check found a bad id: NaN rows instead.
                 out = _plain_sum_unchecked(input_ids, token_weight, position_weight, position_ids, past_length,
                                            prepared, table_options)
+            except (RuntimeError, NotImplementedError):
+                _check_layouts(input_ids, token_weight, position_weight, position_ids)
+                raise
         # A different random stream from the kernels' (PyTorch's CPU/CUDA generator vs Philox in Triton).
         return F.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
 
+    if prepared.settle_first and not compiling and not _dispatch_stack_length():
+        # An earlier call's error due at this call is raised before anything here changes state.
+        settle_id_checks(token_weight.device)
     if prepared.renorm:
         # max_norm: rows looked up in this call are renormalised in place first, by the function
         # F.embedding uses (on the detached table, as F.embedding does), so the same rows change
@@ -303,6 +315,7 @@ def _fused(input_ids, token_weight, position_weight, position_ids, past_length, 
                 if torch.is_grad_enabled() and (token_weight.requires_grad or position_weight.requires_grad):
                     return apply_planned(input_ids, token_weight, position_weight, position_ids, planned, seed, stream)
                 return planned.launch(stream, input_ids, token_weight, position_weight, position_ids, seed, True)[0]
+    _check_layouts(input_ids, token_weight, position_weight, position_ids)  # (not in the _prepared key)
     if (torch.is_grad_enabled() and (token_weight.requires_grad or position_weight.requires_grad)) or \
             _forward_ad_active() or _in_transform():
         out = apply_checked(input_ids, token_weight, position_weight, position_ids, options, seed)
@@ -338,6 +351,14 @@ def _jit_traced(input_ids, token_weight, position_weight, position_ids, past_len
     return F.dropout(out, dropout_p, training=True) if dropout_p > 0 else out
 
 
+def _check_layouts(input_ids, token_weight, position_weight, position_ids) -> None:
+    """A TypeError for a sparse or nested tensor (what _prepare says for a new key)."""
+    for name, tensor in (("input_ids", input_ids), ("token_weight", token_weight),
+                         ("position_weight", position_weight), ("position_ids", position_ids)):
+        if tensor is not None:
+            check_dense(name, tensor)
+
+
 def _prepare(input_ids, token_weight, position_weight, position_ids, past_length, table_options, dropout_p, check_ids,
              token_scale, backend, shard=None) -> _Prepared:
     """Every check that does not read tensor values; raises a clear exception or returns what
@@ -366,7 +387,8 @@ def _prepare(input_ids, token_weight, position_weight, position_ids, past_length
         shard is None
     backend = "torch" if not use_triton else "triton-interpreter" if token_weight.device.type == "cpu" else "triton"
     plannable = use_triton and not renorm and shard is None and check_ids != "sync"
-    return _Prepared(use_triton, backend, options, renorm, check_on_error, {} if plannable else None)
+    settle_first = use_triton and check_ids is True and (renorm or dropout_p > 0)
+    return _Prepared(use_triton, backend, options, renorm, check_on_error, {} if plannable else None, settle_first)
 
 
 _positions = {}
@@ -378,7 +400,8 @@ def _default_positions(seq_len: int, past_length: int, device: torch.device) -> 
     # every later call: a plain tensor, made outside inference mode (a call with grad could not
     # save an inference tensor for its backward). Under a dispatch mode (FakeTensorMode, a
     # recording mode) the call gets its own, made in that mode, and nothing is kept.
-    if _dispatch_stack_length():
+    if _dispatch_stack_length() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        # (Under a CUDA graph capture, the fill would only be captured, not run: nothing to keep.)
         return default_position_ids(seq_len, past_length, device)
     key = (seq_len, past_length, device)
     positions = _positions.get(key)

@@ -96,33 +96,46 @@ class _Guard:
 
     def before_launch(self) -> None:
         """Raise for an earlier call whose error must surface now (see the module docstring)."""
-        pending = self.pending
-        if not pending:
-            return
-        newest = pending[-1]
-        if newest.wait_at_next_call:
-            # The last call was an inference call: its error must surface now. Checking it checks
-            # every earlier one too (the flag is sticky).
-            self.check(newest)
-        elif len(pending) > _BACKLOG:
-            # Training calls whose backward has not come (a forward-only loop with grad enabled):
-            # check the newest that has finished, and with it all earlier ones. Launches on one
-            # stream finish in order, so a binary search finds it in a few event queries.
-            with self.lock:
-                pending = list(self.pending)
-            finished = None
-            low, high = 0, len(pending) - 1
-            while low <= high:
-                middle = (low + high) // 2
-                record = pending[middle]
-                if record.event is None or record.event.query():
-                    finished, low = record, middle + 1
-                else:
-                    high = middle - 1
-            if finished is not None:
-                self.check(finished, finished=True)
+        lock = self.lock  # (a backward in another thread may be emptying the queue meanwhile)
+        lock.acquire()
+        try:
+            pending = self.pending
+            if not pending:
+                return
+            newest = pending[-1]
+            if newest.wait_at_next_call:
+                # The last call was an inference call: its error must surface now. Checking it
+                # checks every earlier one too (the flag is sticky).
+                self._check_locked(newest, False)
+                return
+            if len(pending) <= _BACKLOG:
+                return
+            pending = list(pending)
+        finally:
+            lock.release()
+        # Training calls whose backward has not come (a forward-only loop with grad enabled):
+        # check the newest that has finished, and with it all earlier ones. Launches on one stream
+        # finish in order, so a binary search finds it in a few event queries.
+        finished = None
+        low, high = 0, len(pending) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            record = pending[middle]
+            if record.event is None or record.event.query():
+                finished, low = record, middle + 1
+            else:
+                high = middle - 1
+        if finished is not None:
+            self.check(finished, finished=True)
+
+    def waits_at_next_call(self) -> bool:
+        """Whether the newest pending launch is an inference call's (checked at the next call)."""
+        with self.lock:
+            return bool(self.pending) and self.pending[-1].wait_at_next_call
 
     def after_launch(self, wait_at_next_call: bool) -> _Record:
+        """Record a launch. The caller holds ``self.lock`` from before the launch: a check in
+        another thread must not clear the flag between the launch and its copy here."""
         event = None
         if self.cuda:
             self.host.copy_(self.flag, non_blocking=True)
@@ -136,31 +149,44 @@ class _Guard:
         """Wait for ``record``'s launch (and so the earlier ones of this stream) and raise if an
         id was bad. ``finished``: its event has been seen complete already."""
         with self.lock:
-            if record.checked:
-                return
-            if record.event is not None and not finished:
-                record.event.synchronize()
-            pending = self.pending
-            while pending:
-                oldest = pending.popleft()
-                oldest.checked = True
-                if oldest.event is not None:
-                    self.free_events.append(oldest.event)
-                if oldest is record:
-                    break
-            # The host copy of the launch waited for: the flag is sticky, so it holds every id
-            # recorded by the launches before it too.
-            self._raise_if_recorded(self.host.tolist())
+            self._check_locked(record, finished)
+
+    def _check_locked(self, record: _Record, finished: bool) -> None:
+        if record.checked:
+            return
+        if record.event is not None and not finished:
+            record.event.synchronize()
+        pending = self.pending
+        while pending:
+            oldest = pending.popleft()
+            oldest.checked = True
+            if oldest.event is not None:
+                self.free_events.append(oldest.event)
+            if oldest is record:
+                break
+        # The host copy of the launch waited for: the flag is sticky, so it holds every id
+        # recorded by the launches before it too.
+        values = self.host.tolist()
+        if _recorded(values) and pending and pending[-1].event is not None:
+            # Raising clears the flag, and with it what later launches of this stream (already
+            # queued, not yet checked) wrote or will write before the clear: wait for them, so that
+            # the error raised now covers theirs too instead of losing it.
+            pending[-1].event.synchronize()
+            values = self.host.tolist()
+        self._raise_if_recorded(values)
 
     def check_now(self) -> None:
-        """Read the device flag itself (a sync) and raise if an id was ever recorded."""
+        """Read the device flag itself after every launch of its stream (a sync) and raise if an
+        id was ever recorded."""
         with self.lock:
             for record in self.pending:
                 record.checked = True
                 if record.event is not None:
                     self.free_events.append(record.event)
             self.pending.clear()
-            self._raise_if_recorded(self.flag.tolist())
+            with self._on_stream():  # (the read waits for this stream's launches, not the current stream's)
+                values = self.flag.tolist()
+            self._raise_if_recorded(values)
 
     def _raise_if_recorded(self, values) -> None:
         if not _recorded(values):
@@ -171,15 +197,26 @@ class _Guard:
         self.pending.clear()
         raise IndexError(flag_error(values) + _LATER)
 
+    def _on_stream(self):
+        if self.cuda and self.stream is not None:
+            return torch.cuda.stream(torch.cuda.ExternalStream(self.stream, device=self.device))
+        return _no_context()
+
+    def __del__(self):
+        # A thread that ends with launches not yet checked (its last call an inference call with a
+        # bad id, say) leaves its flag to check_ids_now(), in whichever thread calls it next.
+        try:
+            if self.pending:
+                _orphans.append(self)
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
+
     def _clear(self) -> None:
-        if self.cuda:
-            # On the guard's own stream: ordered after its launches, before its next ones.
-            with torch.cuda.stream(torch.cuda.ExternalStream(self.stream, device=self.device)) \
-                    if self.stream is not None else _no_context():
-                self.flag.zero_()
-            self.host.zero_()
-        else:
+        # On the guard's own stream: ordered after its launches, before its next ones.
+        with self._on_stream():
             self.flag.zero_()
+        if self.cuda:
+            self.host.zero_()
 
 
 class _no_context:
@@ -237,19 +274,29 @@ def guard(device: torch.device, stream=None) -> _Guard:
     """The calling thread's guard for launches on (``device``, ``stream``), made on first use, with
     the checks due before a launch done: an earlier inference call of this thread on this device
     (on any of its streams) raises now."""
-    guards = _thread_guards()
+    try:  # (_thread_guards inlined: this runs in every checked call)
+        guards = _local.guards
+    except AttributeError:
+        guards = _local.guards = {}
     found = guards.get((device, stream))
     if found is None:
         found = guards[(device, stream)] = _GUARD_CLASS(device, stream)
         _ensure_graph_flag(device)
     if len(guards) > 1:
         for other in list(guards.values()):
-            if other is not found and other.pending and other.device == device and \
-                    other.pending[-1].wait_at_next_call:
-                other.check(other.pending[-1])
+            if other is not found and other.device == device and other.waits_at_next_call():
+                other.before_launch()
     if found.pending:
         found.before_launch()
     return found
+
+
+def settle(device: torch.device) -> None:
+    """Raise now what the next launch on ``device`` by this thread would raise for earlier calls:
+    for a call that changes state before its launch (max_norm renormalises the tables, dropout draws
+    a seed), so that a call that raises changes nothing."""
+    if device.type in ("cuda", "cpu") and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        guard(device, launch_stream(device))
 
 
 def existing_guard(device: torch.device, stream=None) -> Optional[_Guard]:
@@ -269,6 +316,8 @@ def launch_stream(device: torch.device):
 
 _graph_flags: Dict[torch.device, torch.Tensor] = {}
 _graph_lock = threading.Lock()
+#: Guards of threads that ended with launches not yet checked (see _Guard.__del__).
+_orphans = []
 
 
 def _ensure_graph_flag(device: torch.device) -> None:
@@ -304,6 +353,8 @@ def compiled_flag(device: torch.device) -> Optional[torch.Tensor]:
 
 def _check_graph_flag(flag: torch.Tensor) -> None:
     with _graph_lock:
+        if flag.is_cuda:
+            torch.cuda.synchronize(flag.device)  # (a graph may have been replayed on any stream)
         values = flag.tolist()
         if not _recorded(values):
             return
@@ -315,8 +366,8 @@ def _check_graph_flag(flag: torch.Tensor) -> None:
 def check_ids_now(device=None) -> None:
     """Raise ``IndexError`` now if a checked call of this thread on ``device`` (default: every
     device) looked up an id outside its table and the error has not been raised yet, or if a
-    compiled or captured graph on that device did (graphs belong to no thread: whichever thread
-    calls this gets their error). Waits for the device (a host sync): call it where that is
+    compiled or captured graph on that device did, or a thread that has ended did (graphs and
+    ended threads belong to no live thread: whichever thread calls this gets their error). Waits for the device (a host sync): call it where that is
     cheap, e.g. after a captured CUDA graph's replays or a compiled step, whose own checks cannot
     raise. Other threads' eager calls are theirs to check."""
     if device is not None:
@@ -325,6 +376,10 @@ def check_ids_now(device=None) -> None:
             device = torch.device("cuda", torch.cuda.current_device())
     for found in list(_thread_guards().values()):
         if device is None or found.device == device:
+            found.check_now()
+    for found in list(_orphans):
+        if device is None or found.device == device:
+            _orphans.remove(found)
             found.check_now()
     for flag_device, flag in list(_graph_flags.items()):
         if device is None or flag_device == device:

@@ -132,9 +132,7 @@ class FusedInputEmbedding(nn.Module):
         self.drop = _as_dropout(dropout)
         self.check_ids = check_mode(check_ids)
         self.token_scale = check_token_scale(token_scale)
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None (TOKEMB_FAST_BACKEND decides), got {backend!r}")
-        self.backend = backend
+        self.backend = _module_backend(backend)
 
     @classmethod
     def from_embeddings(cls, tok_emb: nn.Embedding, pos_emb: nn.Module, *, dropout=0.0, check_ids=True,
@@ -244,6 +242,12 @@ class FusedInputEmbedding(nn.Module):
                 + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}") + f", backend={backend}")
 
 
+def _module_backend(backend: Optional[str]) -> Optional[str]:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None (TOKEMB_FAST_BACKEND decides), got {backend!r}")
+    return backend
+
+
 def _as_dropout(dropout) -> nn.Dropout:
     if isinstance(dropout, nn.Dropout):
         return dropout
@@ -294,9 +298,7 @@ class FusedEncoderEmbedding(nn.Module):
                             f"{type(pad_position_id).__name__}")
         self.pad_position_id = pad_position_id
         self.check_ids = check_mode(check_ids)
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None (TOKEMB_FAST_BACKEND decides), got {backend!r}")
-        self.backend = backend
+        self.backend = _module_backend(backend)
 
     @classmethod
     def from_embeddings(cls, embeddings: Optional[nn.Module] = None, *, word_embeddings: Optional[nn.Embedding] = None,

@@ -110,6 +110,7 @@ def _forward(input_ids, word_weight, position_weight, type_weight, position_ids,
             placeholder if id_flag is None else id_flag)
     key = (tuple(sorted((name, value) for name, value in constexprs.items())), input_ids.shape, word_weight.shape,
            position_weight.shape, None if type_weight is None else type_weight.shape, input_ids.stride(),
+           word_weight.stride(0), position_weight.stride(0), type_table.stride(0),
            None if position_ids is None else position_ids.stride(), None if type_ids is None else type_ids.stride(),
            past_length, pad_id, None if dropout_seed is None else dropout_p,
            _key(input_ids, position_ids, type_ids, word_weight, position_weight, type_weight, ln_weight, ln_bias))
@@ -259,6 +260,7 @@ def _backward(grad_out, mean, rstd, input_ids, word_weight, position_weight, typ
             *_dropout_args(dropout_p, dropout_seed, dropout_scale, placeholder))
     key = (tuple(sorted(constexprs.items())), grad_out.shape, grad_out.stride(), input_ids.shape, word_weight.shape,
            position_weight.shape, None if type_weight is None else type_weight.shape, input_ids.stride(),
+           word_weight.stride(0), position_weight.stride(0), type_table.stride(0),
            None if position_ids is None else position_ids.stride(), None if type_ids is None else type_ids.stride(),
            past_length, pad_id, None if dropout_seed is None else dropout_p,
            _key(grad_out, input_ids, position_ids, type_ids, word_weight, position_weight, type_weight, ln_weight))
@@ -303,22 +305,16 @@ def encoder_embedding_backward(
 
 
 if INTERPRETED:
-    @encoder_embedding_forward.register_fake
-    def _(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias, eps,
-          past_length, pad_id, positions_from_padding, layer_norm, save_stats, dropout_p, dropout_seed, dropout_scale,
-          id_flag):
+    def _fake_forward(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias,
+                      eps, past_length, pad_id, positions_from_padding, layer_norm, save_stats, *_rest):
+        # (Both forward ops; the rest: dropout's arguments, and the flag of the one that has it.)
         accumulate = torch.float64 if word_weight.dtype == torch.float64 else torch.float32
         stats = input_ids.numel() if (layer_norm and save_stats) else 0
         return (word_weight.new_empty((*input_ids.shape, word_weight.shape[1])),
                 word_weight.new_empty(stats, dtype=accumulate), word_weight.new_empty(stats, dtype=accumulate))
 
-    @encoder_embedding.register_fake
-    def _(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias, eps,
-          past_length, pad_id, positions_from_padding, layer_norm, save_stats, dropout_p, dropout_seed, dropout_scale):
-        accumulate = torch.float64 if word_weight.dtype == torch.float64 else torch.float32
-        stats = input_ids.numel() if (layer_norm and save_stats) else 0
-        return (word_weight.new_empty((*input_ids.shape, word_weight.shape[1])),
-                word_weight.new_empty(stats, dtype=accumulate), word_weight.new_empty(stats, dtype=accumulate))
+    encoder_embedding_forward.register_fake(_fake_forward)
+    encoder_embedding.register_fake(_fake_forward)
 
     @encoder_embedding_backward.register_fake
     def _(grad_out, mean, rstd, input_ids, word_weight, position_weight, type_weight, position_ids, type_ids,

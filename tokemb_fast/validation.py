@@ -25,14 +25,14 @@ def _is_compiling() -> bool:
 def _check_table(name: str, weight) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
-    _check_dense(name, weight)
+    check_dense(name, weight)
     if weight.dim() != 2:
         raise ValueError(f"{name} must be 2-D [num_rows, embedding_dim], got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
 
 
-def _check_dense(name: str, tensor: torch.Tensor) -> None:
+def check_dense(name: str, tensor: torch.Tensor) -> None:
     # Sparse (COO, CSR, ...), mkldnn and nested tensors have no rows to read by stride.
     if tensor.layout != torch.strided or tensor.is_nested:
         found = "a nested tensor (pad it: .to_padded_tensor())" if tensor.is_nested else \
@@ -43,7 +43,7 @@ def _check_dense(name: str, tensor: torch.Tensor) -> None:
 def _check_id_tensor(name: str, ids, device: torch.device) -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token indices, got {type(ids).__name__}")
-    _check_dense(name, ids)
+    check_dense(name, ids)
     if ids.dtype not in ID_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (torch.int64 or torch.int32), got {ids.dtype}")
     if ids.device != device:
