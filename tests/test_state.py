@@ -406,7 +406,9 @@ def oracle(ids, token_weight, position_weight, grad_out, **options):
     out = input_embedding_reference(ids.masked_fill(bad, vocab_size), extended, position_weight, **options)
     out.backward(grad_out)
     grad = extended.grad.to_dense() if extended.grad.is_sparse else extended.grad
-    return out.detach().masked_fill(bad.unsqueeze(-1), float("nan")), extended.detach()[:vocab_size], grad[:vocab_size]
+    # (A bad token id's position row still gets that row's gradient: the position lookup was fine.)
+    return (out.detach().masked_fill(bad.unsqueeze(-1), float("nan")), extended.detach()[:vocab_size],
+            grad[:vocab_size], position_weight.grad)
 
 
 @pytest.mark.parametrize("options", [{}, {"padding_idx": 0}, {"scale_grad_by_freq": True}, {"sparse": True},
@@ -415,12 +417,14 @@ def test_unchecked_bad_ids_give_nan_rows_and_no_gradient_on_both_paths(backend, 
     module = FusedInputEmbedding(10, 6, 4, check_ids=False, device=DEVICE, **options)
     ids = torch.tensor([[1, 12, 3, 1], [-1, 2, 2, 10]], device=DEVICE)
     grad_out = torch.randn(2, 4, 4, device=DEVICE)
-    expected, token_table, token_grad = oracle(ids, module.tok_emb.weight, module.pos_emb.weight, grad_out, **options)
+    expected, token_table, token_grad, position_grad = oracle(ids, module.tok_emb.weight, module.pos_emb.weight,
+                                                              grad_out, **options)
     out = module(ids)
     torch.testing.assert_close(out, expected, equal_nan=True, **TOLERANCES[torch.float32])
     out.backward(grad_out)
     grad = module.tok_emb.weight.grad
     torch.testing.assert_close(grad.to_dense() if grad.is_sparse else grad, token_grad, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(module.pos_emb.weight.grad, position_grad, **TOLERANCES[torch.float32])
     torch.testing.assert_close(module.tok_emb.weight.detach(), token_table)  # max_norm: only valid rows renormalised
     check_ids_now()  # and nothing was recorded
 

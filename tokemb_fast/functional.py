@@ -20,10 +20,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .id_check import new_persistent
-from .id_check import settle as settle_id_checks
 from .autograd import (_forward_ad_active, _FusedInputEmbedding, _in_transform, apply_checked, apply_planned, dropout_seed,
                        planned_forward, run_forward)
+from .id_check import new_persistent
+from .id_check import settle as settle_id_checks
 from .options import LookupOptions, TableOptions, check_mode
 from .reference import default_position_ids, input_embedding_reference
 from .validation import (check_dense, check_dropout, check_id_ranges, check_inputs, check_table_options,

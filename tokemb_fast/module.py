@@ -230,16 +230,20 @@ class FusedInputEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         position = "sinusoidal" if isinstance(self.pos_emb, SinusoidalPositionEmbedding) else "learned"
-        if self.last_backend is not None:
-            backend = repr(self.last_backend)
-        else:
-            try:
-                backend = f"{backend_name(self.tok_emb.weight.device)!r} (not called yet)"
-            except (RuntimeError, ValueError) as error:  # no path can run on these tables
-                backend = f"none ({error})"
+        backend = _repr_backend(self.last_backend, self.tok_emb.weight.device, self.backend)
         return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, "
                 f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids!r}"
                 + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}") + f", backend={backend}")
+
+
+def _repr_backend(last_backend, device, backend) -> str:
+    """The path the last call took, or before any call the path a call would take."""
+    if last_backend is not None:
+        return repr(last_backend)
+    try:
+        return f"{backend_name(device, backend)!r} (not called yet)"
+    except (RuntimeError, ValueError) as error:  # no path can run on these tables
+        return f"none ({error})"
 
 
 def _module_backend(backend: Optional[str]) -> Optional[str]:
@@ -375,8 +379,9 @@ class FusedEncoderEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "from padding (RoBERTa)" if self.pad_position_id is not None else "absolute"
+        backend = _repr_backend(self.last_backend, self.word_embeddings.weight.device, self.backend)
         return (f"vocab_size={self.word_embeddings.num_embeddings}, "
                 f"max_position_embeddings={self.position_embeddings.num_embeddings}, hidden_size={self.embedding_dim}, "
                 f"token_types={0 if self.token_type_embeddings is None else self.token_type_embeddings.num_embeddings}, "
                 f"positions={kind}, layer_norm={self.LayerNorm is not None}, check_ids={self.check_ids!r}, "
-                f"backend={self.last_backend!r}")
+                f"backend={backend}")
