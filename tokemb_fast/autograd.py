@@ -60,17 +60,14 @@ def _constant(value: float, device: torch.device, cache: bool) -> torch.Tensor:
     key = (value, device)
     constant = _constants.get(key) if cache else None
     if constant is None:
-        if cache and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            cache = False  # (its fill would only be captured, not run: nothing to keep)
-        if cache:
-            # Kept for later calls in any mode: a plain tensor (not an inference tensor).
-            constant = id_check.new_persistent(lambda: torch.full((1,), value, dtype=torch.float64, device=device))
-        else:
-            constant = torch.full((1,), value, dtype=torch.float64, device=device)
-        if cache:
-            if len(_constants) >= 256:
-                _constants.clear()
-            _constants[key] = constant
+        if not cache or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            # (During a CUDA graph capture the fill would only be captured, not run: nothing to keep.)
+            return torch.full((1,), value, dtype=torch.float64, device=device)
+        # Kept for later calls in any mode: a plain tensor (not an inference tensor).
+        constant = id_check.new_persistent(lambda: torch.full((1,), value, dtype=torch.float64, device=device))
+        if len(_constants) >= 256:
+            _constants.clear()
+        _constants[key] = constant
     return constant
 
 
@@ -93,6 +90,18 @@ def _fake_mode_active() -> bool:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
     return any(isinstance(mode, FakeTensorMode) for mode in _get_current_dispatch_mode_stack())
+
+
+def id_flag(device, plain: bool, direct: bool, compiling: bool):
+    """(the flag a check_ids=True launch writes or None, the guard to record it with or None), for
+    both ops: in eager calls on plain tensors, the calling thread's flag (none under a FakeTensorMode,
+    where nothing runs); in a compiled graph, the device's graph flag (an input it mutates, which
+    check_ids_now() reads; made by an eager call first: a compiled one cannot)."""
+    if plain and (direct or not _fake_mode_active()):
+        return id_check.flag_for_launch(device)
+    if compiling:
+        return id_check.compiled_flag(device), None
+    return None, None
 
 
 def _in_transform() -> bool:
@@ -153,12 +162,7 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
     guard = flag = None
     check = options.check_ids
     if check is True:
-        if plain and not (not direct and _fake_mode_active()):
-            flag, guard = id_check.flag_for_launch(device)
-        elif compiling:
-            # The compiled graph writes the device's flag (an input it mutates); an eager call or
-            # check_ids_now() reads it. (Made by an eager call first: a compiled one cannot.)
-            flag = id_check.compiled_flag(device)
+        flag, guard = id_flag(device, plain, direct, compiling)
     elif check == "sync" and not compiling:
         check_id_ranges(input_ids, token_weight.shape[0] if options.shard is None else options.shard.vocab_size,
                         position_ids, position_weight.shape[0])
@@ -170,16 +174,14 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
     shard = options.shard
     sharding = () if shard is None else (shard.row_offset, shard.vocab_size, shard.add_positions)
     record = None
-    if guard is not None:
-        with guard.lock:  # (until the launch is recorded: see id_check._Guard.after_launch)
-            launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
-            out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length,
-                         options.dropout_p, dropout_seed, scale, flag, token_scale, *sharding)
-            record = guard.after_launch(wait_at_next_call)
-    elif direct or flag is not None:
+    if direct or flag is not None:
         launch = ops.input_embedding_forward.direct if direct else ops.input_embedding_forward
-        out = launch(input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
+        arguments = (input_ids, token_weight, position_weight, position_ids, options.past_length, options.dropout_p,
                      dropout_seed, scale, flag, token_scale, *sharding)
+        if guard is None:
+            out = launch(*arguments)
+        else:
+            out, record = guard.launch(wait_at_next_call, launch, *arguments)
     else:
         # Through dispatch with no flag to write (check_ids=False, exporting): the op that mutates
         # nothing, so that a traced graph holds a pure function (with a decomposition).

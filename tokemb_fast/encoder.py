@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from . import id_check
-from .autograd import (_constant, _dropout_mask, _dropout_scale, _fake_mode_active, _forward_ad_active,
-                       _in_transform, _kernel_table, _legacy_batched, _ops, _PLAIN, dropout_seed)
+from .autograd import (_constant, _dropout_mask, _dropout_scale, _forward_ad_active, _in_transform, _kernel_table,
+                       _legacy_batched, _ops, _PLAIN, dropout_seed, id_flag)
 from .functional import _backend_variable, resolve_backend
 from .options import check_mode
 from .reference import default_position_ids, encoder_embedding_reference, positions_from_padding
-from .validation import (check_dense, check_dropout, check_ids_like_positions, check_inputs, check_table_options)
+from .validation import (check_dense, check_dropout, check_id_ranges, check_ids_like_positions, check_inputs,
+                         check_table_options)
 
 _encoder_ops = None
 
@@ -232,16 +233,9 @@ def _positions(input_ids, position_ids, options):
 
 def _check_ranges(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, position_ids, options):
     """Raise IndexError for the first kind of id outside its table (reads the ids: a host sync on a GPU)."""
-    positions = _positions(input_ids, position_ids, options)
-    for ids, num_rows, error in ((input_ids, word_weight.shape[0], id_check.token_error),
-                                 (positions, position_weight.shape[0], id_check.position_error),
-                                 (token_type_ids, 0 if token_type_weight is None else token_type_weight.shape[0],
-                                  id_check.token_type_error)):
-        if ids is None or ids.numel() == 0:
-            continue
-        low, high = (int(value) for value in torch.stack(list(torch.aminmax(ids))).tolist())
-        if low < 0 or high >= num_rows:
-            raise IndexError(error(low if low < 0 else high, num_rows))
+    check_id_ranges(input_ids, word_weight.shape[0], _positions(input_ids, position_ids, options),
+                    position_weight.shape[0], token_type_ids,
+                    0 if token_type_weight is None else token_type_weight.shape[0])
 
 
 def _plain(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, position_ids,
@@ -250,12 +244,9 @@ def _plain(input_ids, word_weight, position_weight, token_type_weight, token_typ
     (check_ids True or "sync") or give NaN rows that add nothing to any gradient (False)."""
     positions = _positions(input_ids, position_ids, options)
     if options.check_ids:
-        if input_ids.device.type != "cpu" or torch.compiler.is_compiling():
-            # (F.embedding checks on a CPU; on a GPU a bad id would stop the process.)
-            if not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None:
-                _check_ranges(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, positions,
-                              options)
-        else:
+        compiling = torch.compiler.is_compiling()
+        if input_ids.device.type == "cpu" and not compiling:
+            # F.embedding checks every id on a CPU: ours is raised when it finds one.
             try:
                 return _reference(input_ids, word_weight, position_weight, token_type_weight, token_type_ids,
                                   positions, layer_norm_weight, layer_norm_bias, options)
@@ -263,6 +254,9 @@ def _plain(input_ids, word_weight, position_weight, token_type_weight, token_typ
                 _check_ranges(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, positions,
                               options)
                 raise
+        if not compiling and torch._C._get_tracing_state() is None:  # (on a GPU a bad id would stop the process)
+            _check_ranges(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, positions,
+                          options)
         return _reference(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, positions,
                           layer_norm_weight, layer_norm_bias, options)
     # Unchecked: bad ids look up row 0 (never out of bounds), their rows become NaN after the
@@ -370,10 +364,7 @@ def _run_forward(input_ids, word_weight, position_weight, token_type_weight, tok
     direct = plain and torch._C._len_torch_dispatch_stack() == 0
     flag = guard = None
     if options.check_ids is True:
-        if plain and not (not direct and _fake_mode_active()):
-            flag, guard = id_check.flag_for_launch(device)
-        elif compiling:
-            flag = id_check.compiled_flag(device)
+        flag, guard = id_flag(device, plain, direct, compiling)
     elif options.check_ids == "sync" and not compiling:
         _check_ranges(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, position_ids,
                       options)
@@ -386,9 +377,7 @@ def _run_forward(input_ids, word_weight, position_weight, token_type_weight, tok
     launch = ops.encoder_embedding_forward.direct if direct else ops.encoder_embedding_forward
     record = None
     if guard is not None:
-        with guard.lock:  # (until the launch is recorded: see id_check._Guard.after_launch)
-            out, mean, rstd = launch(*arguments, flag)
-            record = guard.after_launch(wait_at_next_call=not training)
+        (out, mean, rstd), record = guard.launch(not training, launch, *arguments, flag)
     elif direct or flag is not None:
         out, mean, rstd = launch(*arguments, flag)
     else:  # through dispatch with no flag to write: the op that mutates nothing (exported graphs hold it)

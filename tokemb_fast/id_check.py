@@ -133,6 +133,12 @@ class _Guard:
         with self.lock:
             return bool(self.pending) and self.pending[-1].wait_at_next_call
 
+    def launch(self, wait_at_next_call: bool, launch, *arguments):
+        """(``launch(*arguments)``, the record of that launch), under the guard's lock (see after_launch)."""
+        with self.lock:
+            result = launch(*arguments)
+            return result, self.after_launch(wait_at_next_call)
+
     def after_launch(self, wait_at_next_call: bool) -> _Record:
         """Record a launch. The caller holds ``self.lock`` from before the launch: a check in
         another thread must not clear the flag between the launch and its copy here."""

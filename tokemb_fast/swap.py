@@ -17,6 +17,7 @@ refused with a ``TypeError`` that says what did not match. The swap is transacti
 forward (eval mode, no grad) runs before and after, and if anything goes wrong (an exception,
 different outputs) the model is restored exactly as it was and a ``RuntimeError`` raised.
 """
+import contextlib
 import functools
 import inspect
 import itertools
@@ -249,27 +250,19 @@ def _overflow_error(model, attribute):
     first), or None where it moves the counter and the lookup fails (as the fused lookup then
     does, with IndexError). Found by running it with the counter at the table's end; a hook stops
     the lookup itself, so nothing out of range is read on any device. The model is left as it was."""
-    snapshot = _Snapshot(model)
-
     def stop(_module, _args):
         raise _ReachedPositionLookup()
 
-    try:
-        for module in model.modules():
-            module.training = False
-        setattr(model, attribute, model.pos_emb.num_embeddings)
-        model.pos_emb.register_forward_pre_hook(stop)
-        ids = torch.zeros((1, 1), dtype=torch.long, device=model.pos_emb.weight.device)
-        with torch.no_grad():
-            type(model).forward(model, ids, use_cache=True)
-    except _ReachedPositionLookup:
-        return None
-    except Exception as error:  # noqa: BLE001  (whatever the original raises, the swapped forward raises)
-        if getattr(model, attribute) == model.pos_emb.num_embeddings:
-            return type(error)
-        return None
-    finally:
-        snapshot.restore()
+    with _probing(model):
+        try:
+            setattr(model, attribute, model.pos_emb.num_embeddings)
+            model.pos_emb.register_forward_pre_hook(stop)
+            type(model).forward(model, torch.zeros((1, 1), dtype=torch.long, device=model.pos_emb.weight.device),
+                                use_cache=True)
+        except _ReachedPositionLookup:
+            return None
+        except Exception as error:  # noqa: BLE001  (whatever the original raises, the swapped forward raises)
+            return type(error) if getattr(model, attribute) == model.pos_emb.num_embeddings else None
     raise TypeError(f"its forward with use_cache=True does not fail when the positions run past pos_emb; "
                     f"the fused lookup would")
 
@@ -797,10 +790,12 @@ class _Snapshot:
                 target.update(contents)
 
 
-def _run_probe(model, probe) -> List[torch.Tensor]:
-    """The probe's outputs in eval mode, without grad, from the same random state each time (so
-    that randomness the probe cannot turn off, e.g. train-mode dropout in modules the model shares
-    with another, draws the same in every run), leaving the model and the random state as they were."""
+@contextlib.contextmanager
+def _probing(model):
+    """A forward of the model that leaves no trace: in eval mode, without grad, from the same random
+    state each time (so that randomness a probe cannot turn off, e.g. train-mode dropout in modules
+    the model shares with another, draws the same in every run); afterwards the model (modules,
+    counters, hooks, caches) and the random state are as they were, whatever the forward raised."""
     snapshot = _Snapshot(model)
     devices = sorted({tensor.device.index for tensor in itertools.chain(model.parameters(), model.buffers())
                       if tensor.device.type == "cuda"})
@@ -809,9 +804,15 @@ def _run_probe(model, probe) -> List[torch.Tensor]:
             module.training = False
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(0)
-            return [out.detach().float() for out in probe() if out is not None]
+            yield
     finally:
         snapshot.restore()
+
+
+def _run_probe(model, probe) -> List[torch.Tensor]:
+    """The probe's outputs (see _probing)."""
+    with _probing(model):
+        return [out.detach().float() for out in probe() if out is not None]
 
 
 def _same(before, after) -> bool:

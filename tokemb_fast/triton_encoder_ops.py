@@ -306,7 +306,7 @@ def encoder_embedding_backward(
 
 if INTERPRETED:
     def _fake_forward(input_ids, word_weight, position_weight, type_weight, position_ids, type_ids, ln_weight, ln_bias,
-                      eps, past_length, pad_id, positions_from_padding, layer_norm, save_stats, *_rest):
+                      eps, past_length, pad_id, positions_from_padding, layer_norm, save_stats, *_rest, **_keywords):
         # (Both forward ops; the rest: dropout's arguments, and the flag of the one that has it.)
         accumulate = torch.float64 if word_weight.dtype == torch.float64 else torch.float32
         stats = input_ids.numel() if (layer_norm and save_stats) else 0

@@ -348,13 +348,11 @@ class _InterpretedForwardCall:
     def __call__(self, stream, input_ids, token_weight, position_weight, position_ids, dropout_seed,
                  wait_at_next_call):
         guard = id_check.guard(self.device) if self.check else None
+        arguments = (input_ids, token_weight, position_weight, position_ids, self.past_length, self.dropout_p,
+                     dropout_seed, self.dropout_scale, None if guard is None else guard.flag, self.token_scale)
         if guard is None:
-            return _forward_planned(input_ids, token_weight, position_weight, position_ids, self.past_length,
-                                    self.dropout_p, dropout_seed, self.dropout_scale, None, self.token_scale), None
-        with guard.lock:  # (until the launch is recorded: see _Guard.after_launch)
-            out = _forward_planned(input_ids, token_weight, position_weight, position_ids, self.past_length,
-                                   self.dropout_p, dropout_seed, self.dropout_scale, guard.flag, self.token_scale)
-            return out, guard.after_launch(wait_at_next_call)
+            return _forward_planned(*arguments), None
+        return guard.launch(wait_at_next_call, _forward_planned, *arguments)
 
 
 def _forward_key(device, input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed,
@@ -686,15 +684,12 @@ def dropout_masked_grad(
 
 if INTERPRETED:
     # Output shapes for tracing (FakeTensors); see _define_op above.
-    @input_embedding_forward.register_fake
-    def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale,
-          id_flag, token_scale, token_row_offset=0, vocab_size=-1, add_positions=True):
+    def _fake_forward(input_ids, token_weight, *_rest, **_keywords):
+        # (Both forward ops: the output's shape depends on these two alone.)
         return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
 
-    @input_embedding.register_fake
-    def _(input_ids, token_weight, position_weight, position_ids, past_length, dropout_p, dropout_seed, dropout_scale,
-          token_scale, token_row_offset=0, vocab_size=-1, add_positions=True):
-        return token_weight.new_empty((*input_ids.shape, token_weight.shape[1]))
+    input_embedding_forward.register_fake(_fake_forward)
+    input_embedding.register_fake(_fake_forward)
 
     @embedding_dense_grad.register_fake
     def _(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor, dropout_p,

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .id_check import position_error, token_error
+from .id_check import position_error, token_error, token_type_error
 from .options import LookupOptions, TableOptions, TokenShard, check_mode
 
 ID_DTYPES = (torch.int32, torch.int64)
@@ -190,22 +190,15 @@ def check_dropout(dropout_p, name: str = "dropout_p") -> float:
     return float(dropout_p)
 
 
-def check_id_ranges(input_ids, vocab_size, position_ids, num_positions) -> None:
-    # One reduction per tensor and a single device->host copy for all of them.
-    parts = []
-    if input_ids.numel() > 0:
-        parts.extend(torch.aminmax(input_ids))
-    if position_ids is not None and position_ids.numel() > 0:
-        parts.extend(torch.aminmax(position_ids))
-    if not parts:
+def check_id_ranges(input_ids, vocab_size, position_ids, num_positions, token_type_ids=None, num_types=0) -> None:
+    """Raise IndexError for the first kind of id outside its table (token ids, positions, token
+    types): one reduction per tensor and a single device->host copy for all of them."""
+    checked = [(ids, num_rows, error) for ids, num_rows, error in (
+        (input_ids, vocab_size, token_error), (position_ids, num_positions, position_error),
+        (token_type_ids, num_types, token_type_error)) if ids is not None and ids.numel() > 0]
+    if not checked:
         return
-    bounds = torch.stack([p.to(torch.int64) for p in parts]).tolist()
-    if input_ids.numel() > 0:
-        low, high = bounds[0], bounds[1]
-        bounds = bounds[2:]
-        if low < 0 or high >= vocab_size:
-            raise IndexError(token_error(low if low < 0 else high, vocab_size))
-    if bounds:
-        low, high = bounds
-        if low < 0 or high >= num_positions:
-            raise IndexError(position_error(low if low < 0 else high, num_positions))
+    bounds = torch.stack([part.to(torch.int64) for ids, _, _ in checked for part in torch.aminmax(ids)]).tolist()
+    for (_, num_rows, error), low, high in zip(checked, bounds[0::2], bounds[1::2]):
+        if low < 0 or high >= num_rows:
+            raise IndexError(error(low if low < 0 else high, num_rows))
