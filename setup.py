@@ -27,8 +27,11 @@ setup(
         "numpy",  # torch warns at import without it; Triton's CPU interpreter needs it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        # liger-kernel: the Triton peer the benchmarks time beside the fused op (LigerEmbeddingFunction,
+        # an atomic backward); the tests drive that row on the CPU. Its needs are torch and triton.
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7",
+                 "liger-kernel>=0.6,<0.9; python_version >= '3.10'"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "liger-kernel>=0.6,<0.9; python_version >= '3.10'"],
         # Upper bounds: the newest releases the tests ran with (README, "Limitations").
         "hf": ["transformers>=4.45,<5.26"],
         "export": ["onnx>=1.18,<1.24", "onnxscript>=0.5,<0.8", "onnxruntime>=1.22,<1.33"],

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# One device-time-budgeted check on a lent GPU machine (H100/H200), in a few minutes.
-#   bash bench/gpu_check.sh                 # every step below, in this order
-#   bash bench/gpu_check.sh tests bench-124M  # only the steps named
-#   bash bench/gpu_check.sh first             # then `second`: the limits below sum to 860 s, over
-#                                             # one device call's 600, so a session runs two calls
+# Device-time-budgeted checks on a lent GPU machine (H100/H200). One device call each:
+#   bash bench/gpu_check.sh            # call 1: `accept`, issue #22's acceptance run (limit 450 s;
+#                                      # ~8 min with the install, under a device call's 600 s)
+#   bash bench/gpu_check.sh tests      # call 2 (or a later session): the CUDA test suite
+#   bash bench/gpu_check.sh profile bench-124M  # any steps named, in that order
+# Liger-Kernel (the `liger` rows, target 3) is not in the device image: fetch its wheel here first
+# (`bash bench/fetch_wheels.sh`, into the git-ignored .whl/) and name `.whl` in the device call's
+# carry; this script installs what it finds there (no network there).
 # Steps (each with its own time limit; the seconds are that limit):
+#   accept      (450) bench/acceptance.py: every target of issue #22 in one process with a verdict
+#                     each (per call against eager, torch.compile and Liger; CUDA-graph GPU time
+#                     against the floor; the row kernel against its own floor; Zipf against uniform;
+#                     bitwise determinism; Hugging Face GPT-2; train_gpt2.py tokens/s), gpt2-124M,
+#                     gpt2-xl, big, decode, seed x fp32, bf16; acceptance.md/.json to $OUT
 #   tests       (170) the test suite on CUDA: real compiled kernels, Inductor compile tests,
 #                     CUDA-graph capture, 64-bit offsets; the slowest tests listed
 #   example     (110) examples/train_gpt2.py at GPT-2 124M, swapped and not, alternated 3 times each
@@ -21,7 +29,8 @@
 #   bench-suite  (90) the pytest-benchmark suite (bench/bench_embedding.py) at the seed shape
 #   tp           (90) with 2 or more GPUs only: tensor parallelism on NCCL (bench/bench_tp.py: the
 #                     fused op against RowwiseParallel, outputs compared, then timed); else skipped
-# One log (gpu_check.log) and a JSON file per bench step go to $OUT (the device tool's output
+#   first, second     the two calls of the tables before the acceptance run existed (440 s, 420 s)
+# One log (gpu_check.log) and the step's JSON or markdown files go to $OUT (the device tool's output
 # folder, which brings back at most 8 files) or /tmp/tokemb-gpu; the installed package is this
 # checkout (pip -e, offline: the image has torch, triton and the test tools; --use-pep517, since
 # the legacy `setup.py develop` path of the image's setuptools calls pip again with build isolation,
@@ -39,17 +48,24 @@ for arg in "$@"; do
     *) steps+=("$arg") ;;
   esac
 done
-[ ${#steps[@]} -gt 0 ] || steps=(tests example profile bench-124M bench-big bench-skew bench-rest bench-bert bench-suite tp)
+[ ${#steps[@]} -gt 0 ] || steps=(accept)
 
 for step in "${steps[@]}"; do
-  case $step in tests|example|profile|bench-124M|bench-big|bench-skew|bench-rest|bench-bert|bench-suite|tp) ;; *) echo "unknown step $step"; exit 2 ;; esac
+  case $step in accept|tests|example|profile|bench-124M|bench-big|bench-skew|bench-rest|bench-bert|bench-suite|tp) ;; *) echo "unknown step $step"; exit 2 ;; esac
 done
 LOG=$OUT/gpu_check.log
 python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
+if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (bench/fetch_wheels.sh), e.g. liger-kernel
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >>"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 {
   date -u +%Y-%m-%dT%H:%MZ
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  python3 -c "import importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>/dev/null \
+    || echo "liger-kernel: not installed (the liger rows are skipped; bench/fetch_wheels.sh and carry .whl)"
 } | tee -a "$LOG"
 
 status=0
@@ -66,6 +82,9 @@ run_step() {  # name, time limit (s), command...
 
 for step in "${steps[@]}"; do
   case $step in
+    accept)
+      # Its own budget (390 s) stops it from starting a part that would overrun; the limit is the backstop.
+      run_step accept 450 python3 bench/acceptance.py --out "$OUT" --budget-s 390 ;;
     tests)
       # Most of the suite's GPU time is Triton compiling each new kernel specialisation, one at a
       # time per process: so xdist's processes, 60 hypothesis examples instead of 200, and a

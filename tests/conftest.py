@@ -8,8 +8,15 @@ import sys
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny GPT models of the families swap_input_embeddings knows live with the examples.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+# `python -m pytest` puts the checkout's root first on the path, where kernels/ (this project's
+# Triton source, installed as tokemb_fast.kernels) would hide PyPI's package named `kernels`, which
+# transformers imports when it is installed (5.25 requires it): the root goes last instead.
+_at_root = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) == ROOT]
+if _at_root:
+    sys.path[:] = [entry for entry in sys.path if entry not in _at_root] + [ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -65,6 +65,9 @@ HF_IMPLS = ("hf-eager", "hf-swapped")
 #: Which rows a row is compared with in the "vs eager" and "vs compile" columns.
 BASELINES = {"fused+dropout": ("eager+dropout", "compile+dropout"), "hf-swapped": ("hf-eager", None)}
 ID_DISTRIBUTIONS = ("uniform", "zipf", "equal")
+#: The Zipf exponent of "zipf" ids: rank r drawn with probability proportional to r ** -1.1 (natural
+#: text's token frequencies are near it; before 2026-12-06 the exponent was 1.0).
+ZIPF_S = 1.1
 
 
 @dataclass
@@ -126,7 +129,8 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device, ids: str = "uniform", 
     if ids == "uniform":
         input_ids = torch.randint(0, shape.vocab_size, (n,), generator=generator, device=device)
     elif ids == "zipf":
-        weights = 1.0 / torch.arange(1, shape.vocab_size + 1, dtype=torch.float64, device=device)
+        ranks = torch.arange(1, shape.vocab_size + 1, dtype=torch.float64, device=device)
+        weights = ranks ** -ZIPF_S
         ranks = torch.multinomial(weights, n, replacement=True, generator=generator)
         input_ids = torch.randperm(shape.vocab_size, generator=generator, device=device)[ranks]
     elif ids == "equal":

@@ -1,0 +1,176 @@
+"""bench/acceptance.py, issue #22's one-call acceptance run, checked before any device time is spent
+on it: the whole run end to end at tiny shapes (kernels interpreted on a CPU; on a GPU the real
+thing, graphs and profiler included), and the verdicts it draws from its measurements.
+"""
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import INTERPRETED, TRITON_DEVICE
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import acceptance  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                reason="drives the Triton path (interpreted or on a GPU)")
+
+
+def test_the_whole_run_at_tiny_shapes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    liger = acceptance.liger_function() is not None
+    status = acceptance.main(["--device", TRITON_DEVICE.type, "--smoke", "--out", str(tmp_path),
+                              "--shapes", "gpt2-124M,decode", "--dtypes", "fp32,bf16", "--impls", "fused,eager,compile,liger",
+                              "--rounds", "3",
+                              "--sample-s", "0.002", "--example-runs", "1", "--example-steps", "2"])
+    capsys.readouterr()
+    assert status in (0, 1)  # measured (tiny shapes meet no speed target; that is not the point)
+    saved = json.loads((tmp_path / "acceptance.json").read_text())
+    records, found = saved["records"], saved["verdicts"]
+    assert saved["smoke"] is True and saved["environment"]["torch"] == torch.__version__
+    assert not [r for r in records if r["kind"] == "error"], [r for r in records if r["kind"] == "error"]
+
+    def rows(kind, **fields):
+        return [r for r in records if r["kind"] == kind and all(r.get(k) == v for k, v in fields.items())]
+
+    for shape in ("gpt2-124M", "decode"):
+        for dtype in ("fp32", "bf16"):
+            for mode in ("fwd", "fwd+bwd"):
+                impls = {r["impl"] for r in rows("call", shape=shape, dtype=dtype, mode=mode)}
+                expected = {"fused", "eager", "compile"} | ({"liger"} if liger and dtype == "fp32" else set())
+                assert impls == expected, (shape, dtype, mode, impls)
+            # Every implementation checked against eager before it was timed; the fused op exactly
+            # (fp32; bf16: the interpreter truncates where a GPU rounds) and deterministically.
+            parity = {r["impl"]: r["rel_error"] for r in rows("parity", shape=shape, dtype=dtype)}
+            if dtype == "fp32":
+                assert parity["fused"] == 0.0
+            assert {r["ids"]: r["equal"] for r in rows("determinism", shape=shape, dtype=dtype)} == \
+                {"uniform": True, "zipf": True}
+    skipped = " ".join(r.get("part", "") + ": " + r.get("reason", "") for r in rows("skipped"))
+    if not liger:
+        assert "liger-kernel is not installed" in skipped
+    if TRITON_DEVICE.type == "cuda":
+        assert rows("graph", impl="floor") and rows("graph", impl="fused", ids="zipf") and rows("row_kernel")
+    else:
+        assert "GPU time: needs CUDA" in skipped
+    assert {r["impl"] for r in rows("hf", dtype="fp32")} == {"hf-eager", "hf-swapped"}
+    assert sorted(r["swapped"] for r in rows("example")) == [False, True]
+
+    # The verdicts: every target appears, measured or said not to be; the markdown starts with them.
+    targets = {v["target"].split(":")[0] for v in found}
+    for wanted in ("1 per call fwd", "1 per call fwd+bwd", "2 GPU time fwd", "2 GPU time fwd+bwd",
+                   "2 token gradient-row kernel / its floor", "3 per call fwd+bwd", "3 GPU time fwd+bwd",
+                   "4 train_gpt2.py tokens/s", "4 Hugging Face GPT2Model embedding stage per call fwd"):
+        assert wanted in targets, wanted
+    report = (tmp_path / "acceptance.md").read_text()
+    assert report.startswith("## Acceptance run (issue #22) - SMOKE")
+    assert "| target | case | value | limit | verdict | note |" in report.split("### Per call")[0]
+
+
+def _call(shape, dtype, mode, impl, ms, ids="uniform", kind="call"):
+    return dict(kind=kind, shape=shape, dtype=dtype, mode=mode, impl=impl, ids=ids, ms=ms)
+
+
+def _by_target(found, target, case):
+    return next(v for v in found if v.target == target and v.case == case)
+
+
+def test_verdicts_compare_each_target_with_its_limit():
+    records = [
+        _call("gpt2-124M", "fp32", "fwd", "fused", 0.035), _call("gpt2-124M", "fp32", "fwd", "eager", 0.05),  # 0.70: met
+        _call("gpt2-124M", "fp32", "fwd+bwd", "fused", 0.36), _call("gpt2-124M", "fp32", "fwd+bwd", "eager", 0.7),
+        _call("gpt2-124M", "fp32", "fwd+bwd", "compile", 0.36),  # equal to compile: not faster, missed
+        _call("gpt2-124M", "fp32", "fwd+bwd", "liger", 0.40),
+        _call("decode", "fp32", "fwd", "fused", 0.031), _call("decode", "fp32", "fwd", "eager", 0.030),
+        _call("gpt2-124M", "fp32", "fwd", "fused", 0.023, kind="graph"),
+        _call("gpt2-124M", "fp32", "fwd", "floor", 0.020, kind="graph"),  # 1.15: met (inclusive)
+        _call("gpt2-124M", "fp32", "fwd+bwd", "fused", 0.16, kind="graph"),
+        _call("gpt2-124M", "fp32", "fwd+bwd", "floor", 0.1, kind="graph"),  # 1.6: missed
+        _call("gpt2-124M", "fp32", "fwd+bwd", "fused", 0.2, ids="zipf", kind="graph"),  # 1.25 x uniform: met
+        dict(kind="row_kernel", shape="gpt2-124M", dtype="fp32", us=60.0, floor_us=50.0),  # 1.2: met
+        dict(kind="determinism", shape="gpt2-124M", dtype="fp32", ids="uniform", equal=True),
+        dict(kind="determinism", shape="gpt2-124M", dtype="fp32", ids="zipf", equal=False),
+        dict(kind="parity", shape="gpt2-124M", dtype="fp32", impl="liger", rel_error=3e-4),
+        dict(kind="example", run=1, swapped=True, tokens_per_s=100.0),
+        dict(kind="example", run=1, swapped=False, tokens_per_s=90.0),
+        dict(kind="hf", shape="gpt2-124M", dtype="fp32", mode="fwd", impl="hf-eager", ms=0.1),
+        dict(kind="hf", shape="gpt2-124M", dtype="fp32", mode="fwd", impl="hf-swapped", ms=0.11),
+    ]
+    found = acceptance.verdicts(records, ("gpt2-124M", "decode"), ("fp32",))
+    case = "gpt2-124M fp32"
+    expect = {
+        ("1 per call fwd: fused / eager", case): (0.7, True),
+        ("1 per call fwd+bwd: fused / eager", case): (0.36 / 0.7, False),
+        ("1 per call fwd+bwd: fused / torch.compile", case): (1.0, False),
+        ("1 per call fwd: fused / eager", "decode fp32"): (0.031 / 0.030, False),
+        ("2 GPU time fwd: fused / floor", case): (1.15, True),
+        ("2 GPU time fwd+bwd: fused / floor", case): (1.6, False),
+        ("2 GPU time fwd+bwd: Zipf ids / uniform", case): (1.25, True),
+        ("2 token gradient-row kernel / its floor", case): (1.2, True),
+        ("2 bitwise deterministic (uniform ids), 1 = yes", case): (1.0, True),
+        ("2 bitwise deterministic (zipf ids), 1 = yes", case): (0.0, False),
+        ("3 per call fwd+bwd: fused / Liger", case): (0.9, True),
+        ("parity with eager: liger (max relative difference)", case): (3e-4, False),
+        ("4 train_gpt2.py tokens/s: unswapped / swapped (median of each)", "GPT-2 124M"): (0.9, True),
+        ("4 Hugging Face GPT2Model embedding stage per call fwd: swapped / eager", "gpt2-124M fp32"): (1.1, False),
+    }
+    for (target, which), (value, met) in expect.items():
+        verdict = _by_target(found, target, which)
+        assert verdict.value == pytest.approx(value) and verdict.met is met, (target, which, verdict)
+    # What was not measured says so, and counts neither way.
+    unmeasured = _by_target(found, "3 GPU time fwd+bwd: fused / Liger", case)
+    assert unmeasured.value is None and unmeasured.met is None
+    assert _by_target(found, "1 per call fwd+bwd: fused / eager", "decode fp32").met is None
+    # Grouped by target number, in that order.
+    numbers = [v.target[0] for v in found if v.target[0].isdigit()]
+    assert numbers == sorted(numbers)
+    report = acceptance.format_report({"device": "test"}, records, found, smoke=False)
+    assert "**MISSED**" in report and "| 2 GPU time fwd+bwd: fused / floor | gpt2-124M fp32 | 1.6 | 1.5 |" in report
+
+
+def test_a_missing_peer_is_reported_as_not_installed():
+    found = acceptance.verdicts([_call("seed", "fp32", "fwd+bwd", "fused", 1.0)], ("seed",), ("fp32",),
+                                liger_present=False)
+    peer = _by_target(found, "3 per call fwd+bwd: fused / Liger", "seed fp32")
+    assert peer.met is None and "liger-kernel not installed" in peer.note
+
+
+def test_per_call_timing_alternates_and_tells_a_slower_call():
+    calls = []
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return run
+    timed = acceptance.per_call_ms({"fast": step("fast", 0.0005), "slow": step("slow", 0.0015)},
+                                   acceptance.Clock(torch.device("cpu")), rounds=4, sample_s=0.005)
+    assert timed["fast"][1] == pytest.approx(0.5, rel=0.5) and timed["slow"][1] > 2 * timed["fast"][1]
+    assert all(q1 <= median <= q3 for q1, median, q3 in timed.values())
+    # After the warm-up, the samples alternate: fast's block, slow's block, fast's block, ...
+    blocks = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert blocks[-8:] == ["fast", "slow"] * 4
+
+
+def test_kernel_durations_read_the_profiler_per_call():
+    a, b = torch.randn(4096), torch.randn(4096)
+    durations = acceptance.kernel_durations_us(lambda: a.add(b), iterations=4, device_type="cpu")
+    assert len(durations["aten::add"]) == 4 and all(us >= 0 for us in durations["aten::add"])
+
+
+def test_a_failing_part_is_recorded_and_the_run_goes_on(capsys):
+    run = acceptance.Run(acceptance.main.__globals__["argparse"].Namespace(budget_s=10.0),
+                         torch.device("cpu"))
+
+    def broken():
+        raise ValueError("the first line\nand more")
+    assert run.attempt("a part", broken) is None
+    assert run.records[-1] == {"kind": "error", "where": "a part", "error": "ValueError: the first line"}
+    assert run.fits("small", 1.0) and not run.fits("too big", 60.0)
+    assert run.records[-1]["kind"] == "skipped" and run.records[-1]["part"] == "too big"
+    capsys.readouterr()
