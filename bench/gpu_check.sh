@@ -11,7 +11,8 @@
 #   accept      (450) bench/acceptance.py: every target of issue #22 in one process with a verdict
 #                     each (per call against eager, torch.compile and Liger; CUDA-graph GPU time
 #                     against the floor; the row kernel against its own floor; Zipf against uniform;
-#                     bitwise determinism; Hugging Face GPT-2; train_gpt2.py tokens/s), gpt2-124M,
+#                     bitwise determinism; Hugging Face GPT-2; train_gpt2.py tokens/s; the candidate
+#                     scatter backward beside the default), gpt2-124M,
 #                     gpt2-xl, big, decode, seed x fp32, bf16; acceptance.md/.json to $OUT
 #   tests       (170) the test suite on CUDA: real compiled kernels, Inductor compile tests,
 #                     CUDA-graph capture, 64-bit offsets; the slowest tests listed

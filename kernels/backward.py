@@ -198,6 +198,40 @@ def _sum_chunk_tiles(first_chunk, n_chunks, cols, col_ok, chunk_sums_ptr, dim, T
 
 
 @triton.jit
+def _add_long_segments(acc, start, end, col_start, cols, col_ok, grad_out_ptr, stride_grad_b, stride_grad_t,
+                       stride_grad_d, keys_ptr, order_ptr, chunk_sums_ptr, batch, seq_len, past_length, dim,
+                       dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS: tl.constexpr,
+                       ACC_FP64: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGNED4: tl.constexpr,
+                       CHUNK: tl.constexpr, LONG_TILE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """acc[r] += the sum of sorted entries start[r] .. end[r] - 1 for each lane r with a non-empty
+    range (the long segments; the caller empties the others), lane by lane: head entries, then the
+    chunk partials the range covers, then tail entries, LONG_TILE per load."""
+    if tl.max(end - start, axis=0) > 0:
+        lanes = tl.arange(0, ROWS)
+        for r in range(0, ROWS):
+            row_start = tl.sum(tl.where(lanes == r, start, 0), axis=0)
+            row_end = tl.sum(tl.where(lanes == r, end, 0), axis=0)
+            if row_end > row_start:
+                first_chunk = (row_start + CHUNK - 1) // CHUNK
+                end_chunk = row_end // CHUNK
+                has_chunks = end_chunk > first_chunk
+                head_end = tl.where(has_chunks, first_chunk * CHUNK, row_end)
+                tail_start = tl.where(has_chunks, end_chunk * CHUNK, row_end)
+                total = _sum_entry_tiles(row_start, head_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
+                                         stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
+                                         past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+                                         IMPLICIT_POSITIONS, ACC_FP64, LONG_TILE, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+                total += _sum_chunk_tiles(first_chunk, tl.where(has_chunks, end_chunk - first_chunk, 0), cols,
+                                          col_ok, chunk_sums_ptr, dim, LONG_TILE).to(total.dtype)
+                total += _sum_entry_tiles(tail_start, row_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
+                                          stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
+                                          past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+                                          IMPLICIT_POSITIONS, ACC_FP64, LONG_TILE, BLOCK_D, HAS_DROPOUT, ALIGNED4)
+                acc += tl.where((lanes == r)[:, None], total[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def embedding_grad_rows_kernel(
     grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype; every row written
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
@@ -249,28 +283,11 @@ def embedding_grad_rows_kernel(
     # its entries after the last whole chunk (tail). Fixed order, so the result is deterministic,
     # and about 2*CHUNK/LONG_TILE + n/(CHUNK*LONG_TILE) dependent steps for n entries, whatever the
     # id distribution.
-    if tl.max(tl.where(short, 0, end - start), axis=0) > 0:
-        lanes = tl.arange(0, ROWS)
-        for r in range(0, ROWS):
-            row_start = tl.sum(tl.where(lanes == r, start, 0), axis=0)
-            row_end = tl.sum(tl.where(lanes == r, end, 0), axis=0)
-            if row_end - row_start > SHORT:
-                first_chunk = (row_start + CHUNK - 1) // CHUNK
-                end_chunk = row_end // CHUNK
-                has_chunks = end_chunk > first_chunk
-                head_end = tl.where(has_chunks, first_chunk * CHUNK, row_end)
-                tail_start = tl.where(has_chunks, end_chunk * CHUNK, row_end)
-                total = _sum_entry_tiles(row_start, head_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
-                                         stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
-                                         past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
-                                         IMPLICIT_POSITIONS, ACC_FP64, LONG_TILE, BLOCK_D, HAS_DROPOUT, ALIGNED4)
-                total += _sum_chunk_tiles(first_chunk, tl.where(has_chunks, end_chunk - first_chunk, 0), cols,
-                                          col_ok, chunk_sums_ptr, dim, LONG_TILE).to(total.dtype)
-                total += _sum_entry_tiles(tail_start, row_end, col_start, col_ok, grad_out_ptr, stride_grad_b,
-                                          stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len,
-                                          past_length, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
-                                          IMPLICIT_POSITIONS, ACC_FP64, LONG_TILE, BLOCK_D, HAS_DROPOUT, ALIGNED4)
-                acc += tl.where((lanes == r)[:, None], total[None, :], 0.0)
+    acc = _add_long_segments(acc, start, tl.where(short, start, end), col_start, cols, col_ok, grad_out_ptr,
+                             stride_grad_b, stride_grad_t, stride_grad_d, keys_ptr, order_ptr, chunk_sums_ptr,
+                             batch, seq_len, past_length, dim, dropout_seed_ptr, dropout_scale_ptr,
+                             dropout_threshold, IMPLICIT_POSITIONS, ACC_FP64, HAS_DROPOUT, ALIGNED4, CHUNK,
+                             LONG_TILE, ROWS, BLOCK_D)
 
     if HAS_GRAD_SCALE:
         acc = acc * tl.load(grad_scale_ptr).to(acc.dtype)
@@ -278,3 +295,74 @@ def embedding_grad_rows_kernel(
         acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]
     dst = grad_table_ptr + rows[:, None] * stride_grad_table_row + cols[None, :]
     tl.store(dst, acc.to(grad_table_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def embedding_grad_scatter_kernel(
+    grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype, zero-filled before this launch
+    grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
+    keys_ptr, order_ptr, bounds_ptr, chunk_sums_ptr,
+    n_entries, dim, batch, seq_len,
+    padding_idx,                 # as embedding_grad_rows_kernel's
+    count_divisor,
+    dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+    grad_scale_ptr,
+    ACC_FP64: tl.constexpr,
+    SCALE_BY_FREQ: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ALIGNED4: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SHORT: tl.constexpr,         # a power of two: the entries looked ahead to find a short segment's end
+    LONG_TILE: tl.constexpr,
+    ENTRIES: tl.constexpr,       # sorted entries per program
+    BLOCK_D: tl.constexpr,
+):
+    """The same gradient as embedding_grad_rows_kernel, organised by sorted entry instead of by
+    table row, for a table that was zero-filled first: a program owns ENTRIES consecutive sorted
+    entries, and each entry that starts a segment (its key differs from the previous entry's) sums
+    that segment, in the same order as the row kernel, and writes its row. Rows nobody looked up
+    keep the fill's zeros, so this kernel's work scales with B*T, not with the table: the fill runs
+    at the device's write bandwidth with no dependent loads, where the row kernel's programs each
+    wait on bounds -> order -> gradient loads before their first store (at gpt2-124M, 18,849
+    programs of 8 rows, mostly untouched ones). Every row is still written by one program only, in a
+    fixed order: deterministic."""
+    entries = tl.program_id(0).to(tl.int64) * ENTRIES + tl.arange(0, ENTRIES)
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_D
+    cols = col_start + tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    live = entries < n_entries
+    key = tl.load(keys_ptr + entries, mask=live, other=-1).to(tl.int64)
+    previous = tl.load(keys_ptr + entries - 1, mask=live & (entries > 0), other=-1).to(tl.int64)
+    head = live & ((entries == 0) | (previous != key))
+    # A short segment's end from the next SHORT keys, loaded beside the key (no dependent load):
+    # sorted keys, so the entries equal to this one come right after it.
+    ahead = entries[:, None] + 1 + tl.arange(0, SHORT)[None, :]
+    equal_ahead = tl.sum((tl.load(keys_ptr + ahead, mask=ahead < n_entries, other=-1).to(tl.int64)
+                          == key[:, None]).to(tl.int32), axis=1)
+    short = equal_ahead < SHORT
+    # Only a longer one reads its end from the bounds.
+    long_end = tl.load(bounds_ptr + key + 1, mask=head & ~short, other=0).to(tl.int64)
+    end = tl.where(short, entries + 1 + equal_ahead, long_end)
+    occurrences = (end - entries) // count_divisor
+    # Heads of the padding row sum nothing and write nothing (its gradient stays the fill's zero).
+    write = head & (key != padding_idx)
+    end = tl.where(write, end, entries)
+    if ACC_FP64:
+        acc = tl.zeros([ENTRIES, BLOCK_D], dtype=tl.float64)
+    else:
+        acc = tl.zeros([ENTRIES, BLOCK_D], dtype=tl.float32)
+    acc = _add_entries(acc, entries, tl.where(short, end, entries), col_start, col_ok, grad_out_ptr,
+                       stride_grad_b, stride_grad_t, stride_grad_d, keys_ptr, order_ptr, batch, seq_len, 0, dim,
+                       dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, False, BLOCK_D, HAS_DROPOUT,
+                       ALIGNED4)
+    acc = _add_long_segments(acc, entries, tl.where(short, entries, end), col_start, cols, col_ok, grad_out_ptr,
+                             stride_grad_b, stride_grad_t, stride_grad_d, keys_ptr, order_ptr, chunk_sums_ptr,
+                             batch, seq_len, 0, dim, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, False,
+                             ACC_FP64, HAS_DROPOUT, ALIGNED4, CHUNK, LONG_TILE, ENTRIES, BLOCK_D)
+    if HAS_GRAD_SCALE:
+        acc = acc * tl.load(grad_scale_ptr).to(acc.dtype)
+    if SCALE_BY_FREQ:
+        acc = acc / tl.maximum(occurrences, 1).to(acc.dtype)[:, None]
+    dst = grad_table_ptr + tl.where(write, key, 0)[:, None] * stride_grad_table_row + cols[None, :]
+    tl.store(dst, acc.to(grad_table_ptr.dtype.element_ty), mask=write[:, None] & col_ok[None, :])

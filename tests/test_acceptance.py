@@ -23,7 +23,7 @@ def test_the_whole_run_at_tiny_shapes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     liger = acceptance.liger_function() is not None
     status = acceptance.main(["--device", TRITON_DEVICE.type, "--smoke", "--out", str(tmp_path),
-                              "--shapes", "gpt2-124M,decode", "--dtypes", "fp32,bf16", "--impls", "fused,eager,compile,liger",
+                              "--shapes", "gpt2-124M,decode", "--dtypes", "fp32,bf16", "--impls", "fused,fused-scatter,eager,compile,liger",
                               "--rounds", "3",
                               "--sample-s", "0.002", "--example-runs", "1", "--example-steps", "2"])
     capsys.readouterr()
@@ -40,20 +40,25 @@ def test_the_whole_run_at_tiny_shapes(tmp_path, monkeypatch, capsys):
         for dtype in ("fp32", "bf16"):
             for mode in ("fwd", "fwd+bwd"):
                 impls = {r["impl"] for r in rows("call", shape=shape, dtype=dtype, mode=mode)}
-                expected = {"fused", "eager", "compile"} | ({"liger"} if liger and dtype == "fp32" else set())
+                expected = {"fused", "fused-scatter", "eager", "compile"} | \
+                    ({"liger"} if liger and dtype == "fp32" else set())
                 assert impls == expected, (shape, dtype, mode, impls)
             # Every implementation checked against eager before it was timed; the fused op exactly
             # (fp32; bf16: the interpreter truncates where a GPU rounds) and deterministically.
             parity = {r["impl"]: r["rel_error"] for r in rows("parity", shape=shape, dtype=dtype)}
             if dtype == "fp32":
                 assert parity["fused"] == 0.0
-            assert {r["ids"]: r["equal"] for r in rows("determinism", shape=shape, dtype=dtype)} == \
-                {"uniform": True, "zipf": True}
+            for impl in ("fused", "fused-scatter"):
+                assert {r["ids"]: r["equal"] for r in rows("determinism", shape=shape, dtype=dtype, impl=impl)} == \
+                    {"uniform": True, "zipf": True}
+            # The candidate backward gives the default's very bits.
+            assert [r["equal"] for r in rows("same_bits", shape=shape, dtype=dtype)] == [True]
     skipped = " ".join(r.get("part", "") + ": " + r.get("reason", "") for r in rows("skipped"))
     if not liger:
         assert "liger-kernel is not installed" in skipped
     if TRITON_DEVICE.type == "cuda":
-        assert rows("graph", impl="floor") and rows("graph", impl="fused", ids="zipf") and rows("row_kernel")
+        assert rows("graph", impl="floor") and rows("graph", impl="fused", ids="zipf")
+        assert {r["impl"] for r in rows("row_kernel")} == {"fused", "fused-scatter"}
     else:
         assert "GPU time: needs CUDA" in skipped
     assert {r["impl"] for r in rows("hf", dtype="fp32")} == {"hf-eager", "hf-swapped"}
@@ -90,9 +95,9 @@ def test_verdicts_compare_each_target_with_its_limit():
         _call("gpt2-124M", "fp32", "fwd+bwd", "fused", 0.16, kind="graph"),
         _call("gpt2-124M", "fp32", "fwd+bwd", "floor", 0.1, kind="graph"),  # 1.6: missed
         _call("gpt2-124M", "fp32", "fwd+bwd", "fused", 0.2, ids="zipf", kind="graph"),  # 1.25 x uniform: met
-        dict(kind="row_kernel", shape="gpt2-124M", dtype="fp32", us=60.0, floor_us=50.0),  # 1.2: met
-        dict(kind="determinism", shape="gpt2-124M", dtype="fp32", ids="uniform", equal=True),
-        dict(kind="determinism", shape="gpt2-124M", dtype="fp32", ids="zipf", equal=False),
+        dict(kind="row_kernel", shape="gpt2-124M", dtype="fp32", impl="fused", us=60.0, floor_us=50.0),  # 1.2: met
+        dict(kind="determinism", shape="gpt2-124M", dtype="fp32", ids="uniform", impl="fused", equal=True),
+        dict(kind="determinism", shape="gpt2-124M", dtype="fp32", ids="zipf", impl="fused", equal=False),
         dict(kind="parity", shape="gpt2-124M", dtype="fp32", impl="liger", rel_error=3e-4),
         dict(kind="example", run=1, swapped=True, tokens_per_s=100.0),
         dict(kind="example", run=1, swapped=False, tokens_per_s=90.0),
@@ -174,3 +179,18 @@ def test_a_failing_part_is_recorded_and_the_run_goes_on(capsys):
     assert run.fits("small", 1.0) and not run.fits("too big", 60.0)
     assert run.records[-1]["kind"] == "skipped" and run.records[-1]["part"] == "too big"
     capsys.readouterr()
+
+
+def test_the_candidate_is_reported_but_not_counted():
+    records = [_call("seed", "fp32", "fwd+bwd", "fused", 1.0, kind="graph"),
+               _call("seed", "fp32", "fwd+bwd", "fused-scatter", 1.5, kind="graph"),
+               _call("seed", "fp32", "fwd", "fused", 1.0), _call("seed", "fp32", "fwd", "eager", 2.0),
+               dict(kind="same_bits", shape="seed", dtype="fp32", impl="fused-scatter", equal=False)]
+    found = acceptance.verdicts(records, ("seed",), ("fp32",))
+    slower = _by_target(found, "c scatter / rows, GPU time fwd+bwd", "seed fp32")
+    assert slower.value == pytest.approx(1.5) and slower.met is False and slower.informational
+    assert _by_target(found, "c scatter: bitwise equal to rows, 1 = yes", "seed fp32").met is False
+    report = acceptance.format_report({"device": "test"}, records, found, smoke=False)
+    assert "**1 met, 0 missed," in report  # the fwd target only: the candidate's "no" lines count neither way
+    assert "| c scatter / rows, GPU time fwd+bwd | seed fp32 | 1.5 | 1 | no |" in report
+    assert found[-1].informational

@@ -27,7 +27,8 @@ import triton
 from torch.library import custom_op, triton_op, wrap_triton
 from triton.runtime.driver import driver
 
-from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, input_embedding_fwd_kernel,
+from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, embedding_grad_scatter_kernel,
+                      input_embedding_fwd_kernel,
                       segment_bounds_kernel, segment_chunk_sums_kernel)
 from . import id_check, launch
 from .id_check import _local as _id_local
@@ -78,6 +79,17 @@ GRAD_TILE = 2048
 # on this machine, 2026-11-27); 16 compiles (swept D = 1..4096, four dtypes, four option sets).
 # D >= 256 uses 8 rows anyway.
 GRAD_MAX_ROWS = 16
+# How a table's gradient is written when its keys are given (token ids; explicit positions):
+#   "rows"    embedding_grad_rows_kernel writes every row once, zeros included (measured on an H100:
+#             about 2x its own floor at gpt2-124M, its programs waiting on dependent loads);
+#   "scatter" the table is zero-filled, then embedding_grad_scatter_kernel writes the rows that were
+#             looked up (not yet measured on a GPU; the same bits as "rows").
+# Default positions always take the row kernel (their rows are few and all touched). A setting for
+# measuring both side by side (bench/acceptance.py): TOKEMB_FAST_GRAD_KERNEL, or grad_kernel().
+GRAD_KERNELS = ("rows", "scatter")
+GRAD_KERNEL = os.environ.get("TOKEMB_FAST_GRAD_KERNEL", "rows")
+if GRAD_KERNEL not in GRAD_KERNELS:
+    raise ValueError(f"TOKEMB_FAST_GRAD_KERNEL must be one of {GRAD_KERNELS}, got {GRAD_KERNEL!r}")
 # Elements of the output one forward program owns in the fixed config (the interpreter's, and
 # small calls' on a GPU; larger calls are autotuned): enough 16-byte accesses per thread to keep
 # memory busy, few enough for registers.
@@ -130,6 +142,7 @@ _AUTOTUNED_FORWARD = None if _autotuned_forward is None else CachedKernel(_autot
 _SEGMENT_BOUNDS = CachedKernel(segment_bounds_kernel)
 _CHUNK_SUMS = CachedKernel(segment_chunk_sums_kernel)
 _GRAD_ROWS = CachedKernel(embedding_grad_rows_kernel)
+_GRAD_SCATTER = CachedKernel(embedding_grad_scatter_kernel)
 _DROPOUT_MASK = CachedKernel(apply_dropout_mask_kernel)
 
 
@@ -494,11 +507,31 @@ class _GradLayout(NamedTuple):
     n_chunks: int
     bounds: Optional[tuple]   # (grid, constexprs) of each launch, None when it is skipped
     chunks: Optional[tuple]
-    rows: tuple
+    rows: tuple               # the row kernel's, or with scatter the scatter kernel's
+    scatter: bool             # zero-fill, then embedding_grad_scatter_kernel
+
+
+class grad_kernel:
+    """Within this context (any thread), tables with given keys take this gradient kernel
+    (GRAD_KERNELS): a switch for measuring the two side by side, not for production use."""
+
+    def __init__(self, name: str):
+        if name not in GRAD_KERNELS:
+            raise ValueError(f"grad_kernel must be one of {GRAD_KERNELS}, got {name!r}")
+        self.name = name
+
+    def __enter__(self):
+        global GRAD_KERNEL
+        self.previous, GRAD_KERNEL = GRAD_KERNEL, self.name
+        return self
+
+    def __exit__(self, *exc):
+        global GRAD_KERNEL
+        GRAD_KERNEL = self.previous
 
 
 def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, has_dropout, has_grad_scale,
-                 dtype) -> _GradLayout:
+                 dtype, variant: str = "rows") -> _GradLayout:
     n_entries = batch * seq_len
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     n_chunks = n_entries // GRAD_CHUNK
@@ -521,11 +554,20 @@ def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, ha
     # registers (ptxas spilled at D=100 otherwise).
     tile = GRAD_TILE if dim % 16 == 0 else GRAD_TILE // 2
     rows_per_program = min(GRAD_MAX_ROWS, max(1, tile // block_d))
-    rows = ((triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d)), dict(
-        SCALE_BY_FREQ=scale_grad_by_freq, HAS_GRAD_SCALE=has_grad_scale, SHORT=GRAD_SHORT, LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program,
-        BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d), num_warps=4, **common, **NO_FMA))
+    scatter = variant == "scatter" and not implicit
+    if scatter:
+        common.pop("IMPLICIT_POSITIONS")
+        rows = ((triton.cdiv(n_entries, rows_per_program), triton.cdiv(dim, block_d)), dict(
+            SCALE_BY_FREQ=scale_grad_by_freq, HAS_GRAD_SCALE=has_grad_scale, SHORT=GRAD_SHORT,
+            LONG_TILE=GRAD_LONG_TILE, ENTRIES=rows_per_program, BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d),
+            num_warps=4, **common, **NO_FMA))
+    else:
+        rows = ((triton.cdiv(num_rows, rows_per_program), triton.cdiv(dim, block_d)), dict(
+            SCALE_BY_FREQ=scale_grad_by_freq, HAS_GRAD_SCALE=has_grad_scale, SHORT=GRAD_SHORT,
+            LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program, BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d),
+            num_warps=4, **common, **NO_FMA))
     # 32-bit keys halve the radix sort's passes.
-    return _GradLayout(num_rows <= torch.iinfo(torch.int32).max, acc_dtype, n_chunks, bounds, chunks, rows)
+    return _GradLayout(num_rows <= torch.iinfo(torch.int32).max, acc_dtype, n_chunks, bounds, chunks, rows, scatter)
 
 
 class _GradPlans:
@@ -554,7 +596,8 @@ def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_b
                 dropout_seed, dropout_scale, grad_scale, layout, launch):
     """The body both forms share: ``launch(slot, kernel, args)`` launches one kernel."""
     batch, seq_len, dim = grad_out.shape
-    grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
+    grad_table = (torch.zeros if layout.scatter else torch.empty)((num_rows, dim), dtype=grad_out.dtype,
+                                                                  device=grad_out.device)
     if num_rows == 0 or dim == 0:
         return grad_table
     implicit = keys is None
@@ -574,9 +617,16 @@ def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_b
     if layout.n_chunks > 0:
         launch("chunks", _CHUNK_SUMS, (chunk_sums, grad_out, *strides, sorted_keys, order, n_entries, dim, batch,
                                        seq_len, past_length, *dropout))
+    scale = grad_table if grad_scale is None else grad_scale
+    if layout.scatter:
+        if n_entries > 0:
+            launch("rows", _GRAD_SCATTER, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order,
+                                           bounds, chunk_sums, n_entries, dim, batch, seq_len, padding_idx,
+                                           count_divisor, *dropout, scale))
+        return grad_table
     launch("rows", _GRAD_ROWS, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds,
                                 chunk_sums, num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
-                                *dropout, grad_table if grad_scale is None else grad_scale))
+                                *dropout, scale))
     return grad_table
 
 
@@ -587,13 +637,13 @@ def _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scal
     # buffers are fresh allocations except grad_out (alignment) and keys (sorted into fresh ones).
     key = (device, grad_out.shape, grad_out.stride(), grad_out.dtype, aligned(grad_out), num_rows,
            int_class(past_length), padding_idx, scale_grad_by_freq, count_divisor, keys is None,
-           None if dropout_seed is None else dropout_p, grad_scale is None)
+           None if dropout_seed is None else dropout_p, grad_scale is None, GRAD_KERNEL)
     plans = _grad_plans.get(key)
     if plans is None:
         batch, seq_len, dim = grad_out.shape
         plans = _grad_plans.add(key, _GradPlans(_grad_layout(batch, seq_len, dim, num_rows, keys is None,
                                                              scale_grad_by_freq, dropout_seed is not None,
-                                                             grad_scale is not None, grad_out.dtype)))
+                                                             grad_scale is not None, grad_out.dtype, GRAD_KERNEL)))
     return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
                        dropout_p, dropout_seed, dropout_scale, grad_scale, plans.layout,
                        lambda slot, kernel, args: _planned_launch(plans, slot, kernel, stream, args))
@@ -626,7 +676,7 @@ def embedding_dense_grad(
                                    count_divisor, dropout_p, dropout_seed, dropout_scale, grad_scale)
     batch, seq_len, dim = grad_out.shape
     layout = _grad_layout(batch, seq_len, dim, num_rows, keys is None, scale_grad_by_freq, dropout_seed is not None,
-                          grad_scale is not None, grad_out.dtype)
+                          grad_scale is not None, grad_out.dtype, GRAD_KERNEL)
     return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
                        dropout_p, dropout_seed, dropout_scale, grad_scale, layout,
                        lambda slot, kernel, args: _traced_launch(kernel, getattr(layout, slot)[0], args,
