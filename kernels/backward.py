@@ -302,7 +302,7 @@ def embedding_grad_scatter_kernel(
     grad_table_ptr, stride_grad_table_row,     # [num_rows, D], table dtype, zero-filled before this launch
     grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
     keys_ptr, order_ptr, bounds_ptr, chunk_sums_ptr,
-    n_entries, dim, batch, seq_len,
+    n_entries, num_rows, dim, batch, seq_len,
     padding_idx,                 # as embedding_grad_rows_kernel's
     count_divisor,
     dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
@@ -334,7 +334,9 @@ def embedding_grad_scatter_kernel(
     live = entries < n_entries
     key = tl.load(keys_ptr + entries, mask=live, other=-1).to(tl.int64)
     previous = tl.load(keys_ptr + entries - 1, mask=live & (entries > 0), other=-1).to(tl.int64)
-    head = live & ((entries == 0) | (previous != key))
+    # Unchecked bad ids (check_ids=False) sort before row 0 or after the last row: they add nothing
+    # and, above all, are never used as a row to write or a bound to read.
+    head = live & ((entries == 0) | (previous != key)) & (key >= 0) & (key < num_rows)
     # A short segment's end from the next SHORT keys, loaded beside the key (no dependent load):
     # sorted keys, so the entries equal to this one come right after it.
     ahead = entries[:, None] + 1 + tl.arange(0, SHORT)[None, :]

@@ -90,6 +90,7 @@ def test_empty_lookup_gives_zero_tables():
 
 def test_the_setting_picks_the_kernel_and_keeps_plans_apart(kernel_launches):
     ids = torch.randint(0, 50, (2, 6), device=TRITON_DEVICE)
+    setting = triton_ops.GRAD_KERNEL  # (the environment's: "rows" unless TOKEMB_FAST_GRAD_KERNEL says)
     for name, kernel in (("rows", "embedding_grad_rows_kernel"), ("scatter", "embedding_grad_scatter_kernel"),
                          ("rows", "embedding_grad_rows_kernel")):
         del kernel_launches[:]
@@ -99,7 +100,7 @@ def test_the_setting_picks_the_kernel_and_keeps_plans_apart(kernel_launches):
         # Default positions keep the row kernel either way; the token table takes the chosen one.
         assert launches_of(kernel_launches, kernel) == (1 if name == "scatter" else 2)
         assert launches_of(kernel_launches, "embedding_grad_rows_kernel") >= 1
-    assert triton_ops.GRAD_KERNEL == "rows"
+    assert triton_ops.GRAD_KERNEL == setting
     with pytest.raises(ValueError, match="grad_kernel must be one of"):
         triton_ops.grad_kernel("atomic")
 
@@ -132,3 +133,154 @@ def test_scatter_allocates_the_table_once_in_its_own_dtype():
                    and entry[1][1] == dim]
     # (The default positions' table comes from the row kernel, which writes every row: no fill.)
     assert table_sized == [("zeros", (vocab_size, dim), torch.bfloat16), ("empty", (64, dim), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("kernel", triton_ops.GRAD_KERNELS)
+def test_unchecked_bad_ids_touch_no_memory_around_the_gradient_table(kernel, monkeypatch):
+    # check_ids=False: ids below 0 or past the table add nothing, and their keys must never become a
+    # row to write (the scatter kernel's rows come from the keys) or a bound to read. The table is
+    # made a view into a larger buffer with sentinel rows on both sides, which must stay untouched.
+    vocab_size, dim, guard = 10, 8, 64
+    made = []
+    original_zeros, original_empty = torch.zeros, torch.empty
+
+    def guarded(original):
+        def make(*args, **kwargs):
+            shape = args[0] if args and isinstance(args[0], tuple) else None
+            if shape == (vocab_size, dim):
+                buffer = original_empty((vocab_size + 2 * guard, dim), dtype=kwargs.get("dtype"),
+                                        device=kwargs.get("device"))
+                buffer.fill_(12345.0)
+                table = buffer[guard:guard + vocab_size]
+                if original is original_zeros:
+                    table.zero_()
+                made.append(buffer)
+                return table
+            return original(*args, **kwargs)
+        return make
+
+    token_weight, position_weight = random_tables(vocab_size, 6, dim, torch.float32, TRITON_DEVICE)
+    ids = torch.tensor([[1, 12, 3, 1, 10, 10], [-1, 2, 2, 10, 11, -3]], device=TRITON_DEVICE)
+    grad_out = torch.randn(2, 6, dim, device=TRITON_DEVICE)
+    with triton_ops.grad_kernel(kernel):
+        out = fused_input_embedding(ids, token_weight, position_weight, backend="triton", check_ids=False)
+        monkeypatch.setattr(torch, "zeros", guarded(original_zeros))
+        monkeypatch.setattr(torch, "empty", guarded(original_empty))
+        (grad_token,) = torch.autograd.grad(out, (token_weight,), grad_out)
+        monkeypatch.undo()
+    assert len(made) == 1
+    assert torch.all(made[0][:guard] == 12345.0) and torch.all(made[0][guard + vocab_size:] == 12345.0)
+    good = (ids >= 0) & (ids < vocab_size)
+    expected = torch.zeros(vocab_size, dim, device=TRITON_DEVICE).index_add_(0, ids[good], grad_out[good])
+    torch.testing.assert_close(grad_token, expected)
+
+
+@pytest.mark.parametrize("failing_slot", ["bounds", "chunks", "rows", None])
+def test_the_side_fill_is_joined_once_even_when_a_launch_fails(failing_slot, monkeypatch):
+    # The side-stream fork and join (CUDA only) replaced by a recorder, so the body's bookkeeping
+    # runs here: one join per fork, before the scatter launch when it is reached, and still one when
+    # a launch raises (otherwise the table could go back to the pool while the fill writes it).
+    events = []
+
+    def fork(grad_table):
+        events.append("fork")
+        grad_table.zero_()
+        return lambda: events.append("join")
+
+    def launch(slot, kernel, args):
+        events.append(slot)
+        if slot == failing_slot:
+            raise RuntimeError(f"{slot} launch failed")
+        triton_ops._traced_launch(kernel, getattr(layout, slot)[0], args, getattr(layout, slot)[1])
+
+    monkeypatch.setattr(triton_ops, "_fill_beside", fork)
+    ids = id_distribution("zipf", (4, 64), 300, device=TRITON_DEVICE)  # 256 entries: two chunks
+    grad_out = torch.randn(4, 64, 16, device=TRITON_DEVICE)
+    layout = triton_ops._grad_layout(4, 64, 16, 300, False, False, False, False, torch.float32, "scatter")
+    assert layout.scatter and layout.n_chunks > 0
+    call = lambda: triton_ops._dense_grad(grad_out, ids, 300, 0, -1, False, 1, 0.0, None, None, None, layout,
+                                          launch, side_stream_fill=True)
+    if failing_slot is None:
+        grad_table = call()
+        assert events == ["fork", "bounds", "chunks", "join", "rows"]
+        expected = torch.zeros(300, 16, device=TRITON_DEVICE).index_add_(0, ids.reshape(-1), grad_out.reshape(-1, 16))
+        torch.testing.assert_close(grad_table, expected)
+    else:
+        with pytest.raises(RuntimeError, match=f"{failing_slot} launch failed"):
+            call()
+        assert events.count("fork") == events.count("join") == 1
+        assert events[-1] == ("join" if failing_slot != "rows" else "rows")
+
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+    "the side-stream fill runs on CUDA only; on CPU the fill is on the call's own stream and the tests "
+    "above check the same sums"))
+
+
+def _rows_then_scatter(step):
+    results = {}
+    for name in triton_ops.GRAD_KERNELS:
+        with triton_ops.grad_kernel(name):
+            results[name] = step()
+    return results
+
+
+@NEEDS_CUDA
+def test_side_stream_fill_on_a_user_stream_under_load():
+    # The fill is forked from whichever stream is current and joined back before the scatter. A
+    # busy user stream (a large matmul queued first) makes a missing wait show: the scatter would
+    # then write rows the fill zeroes afterwards, or the fill would start before the table is free.
+    ids = id_distribution("zipf", (8, 512), 50257, device="cuda")
+    token_weight, position_weight = random_tables(50257, 512, 256, torch.float32, "cuda")
+    grad_out = torch.randn(8, 512, 256, device="cuda")
+    busy = torch.randn(4096, 4096, device="cuda")
+    user = torch.cuda.Stream()
+    user.wait_stream(torch.cuda.current_stream())
+
+    def step():
+        with torch.cuda.stream(user):
+            busy @ busy
+            out = fused_input_embedding(ids, token_weight, position_weight, backend="triton")
+            grads = torch.autograd.grad(out, (token_weight, position_weight), grad_out)
+        torch.cuda.current_stream().wait_stream(user)
+        return grads
+
+    results = _rows_then_scatter(step)
+    assert triton_ops.GRAD_FILL_BESIDE
+    for got, want in zip(results["scatter"], results["rows"]):
+        assert torch.equal(got, want)
+
+
+@NEEDS_CUDA
+def test_side_stream_fill_in_a_captured_graph():
+    ids = id_distribution("uniform", (4, 128), 3000, device="cuda")
+    token_weight, position_weight = random_tables(3000, 128, 64, torch.float32, "cuda")
+    grad_out = torch.randn(4, 128, 64, device="cuda")
+
+    def step():
+        def once():
+            out = fused_input_embedding(ids, token_weight, position_weight, backend="triton", check_ids=False)
+            return torch.autograd.grad(out, (token_weight, position_weight), grad_out)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as PyTorch's recipe says
+            once()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = once()
+        ids.copy_(replay_ids)  # new ids, same buffers
+        graph.replay()
+        torch.cuda.synchronize()
+        return tuple(t.clone() for t in static)
+
+    fresh = ids.clone()
+    replay_ids = id_distribution("zipf", (4, 128), 3000, device="cuda")
+
+    def fresh_step():
+        ids.copy_(fresh)
+        return step()
+
+    results = _rows_then_scatter(fresh_step)
+    for got, want in zip(results["scatter"], results["rows"]):
+        assert torch.equal(got, want)

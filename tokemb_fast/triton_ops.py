@@ -87,6 +87,9 @@ GRAD_MAX_ROWS = 16
 # Default positions always take the row kernel (their rows are few and all touched). A setting for
 # measuring both side by side (bench/acceptance.py): TOKEMB_FAST_GRAD_KERNEL, or grad_kernel().
 GRAD_KERNELS = ("rows", "scatter")
+# With "scatter" on a GPU, outside torch.compile: zero-fill on a side stream while the sort runs
+# (_fill_beside). TOKEMB_FAST_GRAD_FILL_BESIDE=0 keeps the fill on the current stream.
+GRAD_FILL_BESIDE = os.environ.get("TOKEMB_FAST_GRAD_FILL_BESIDE", "1") != "0"
 GRAD_KERNEL = os.environ.get("TOKEMB_FAST_GRAD_KERNEL", "rows")
 if GRAD_KERNEL not in GRAD_KERNELS:
     raise ValueError(f"TOKEMB_FAST_GRAD_KERNEL must be one of {GRAD_KERNELS}, got {GRAD_KERNEL!r}")
@@ -592,42 +595,80 @@ def _planned_launch(plans: _GradPlans, slot: str, kernel: CachedKernel, stream, 
         setattr(plans, slot, kernel.launch(grid, args, constexprs))
 
 
+_fill_streams: dict = {}
+
+
+def _fill_beside(grad_table: torch.Tensor):
+    """Zero-fill grad_table on a side stream, forked from the current one; returns the join.
+
+    The scatter backward's fill is pure write bandwidth (the V x D table), while the sort, bounds
+    and chunk kernels that precede the scatter are latency-bound on a few thousand keys: on one
+    stream they run one after the other, on two they can share the GPU. The table is allocated on
+    the current stream, and that stream waits for the fill before its first use (the scatter), so
+    every later use and the table's release are ordered after the fill (no record_stream needed).
+    Fork and join are event waits, which CUDA graph capture records as graph edges."""
+    device = grad_table.device
+    side = _fill_streams.get(device)
+    if side is None:
+        side = _fill_streams.setdefault(device, torch.cuda.Stream(device))
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        grad_table.zero_()
+    return lambda: main.wait_stream(side)
+
+
 def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor, dropout_p,
-                dropout_seed, dropout_scale, grad_scale, layout, launch):
-    """The body both forms share: ``launch(slot, kernel, args)`` launches one kernel."""
+                dropout_seed, dropout_scale, grad_scale, layout, launch, side_stream_fill=False):
+    """The body both forms share: ``launch(slot, kernel, args)`` launches one kernel.
+    side_stream_fill (CUDA, not traced): the scatter layout's fill overlaps the sort (_fill_beside)."""
     batch, seq_len, dim = grad_out.shape
-    grad_table = (torch.zeros if layout.scatter else torch.empty)((num_rows, dim), dtype=grad_out.dtype,
-                                                                  device=grad_out.device)
-    if num_rows == 0 or dim == 0:
-        return grad_table
-    implicit = keys is None
-    n_entries = batch * seq_len
-    if implicit:
-        # Never read: the sorted order of default positions is computed in the kernel.
-        sorted_keys = order = bounds = grad_table
+    join_fill = None
+    if layout.scatter and side_stream_fill and num_rows > 0 and dim > 0 and batch * seq_len > 0:
+        grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
+        join_fill = _fill_beside(grad_table)
     else:
-        # Stable, so equal keys keep (b, t) order and the summation order is reproducible.
-        flat_keys = keys.reshape(-1)
-        sorted_keys, order = _sort(flat_keys.to(torch.int32) if layout.int32_keys else flat_keys, stable=True)
-        bounds = torch.empty(num_rows + 1, dtype=torch.int64, device=grad_out.device)
-        launch("bounds", _SEGMENT_BOUNDS, (bounds, sorted_keys, n_entries, num_rows))
-    chunk_sums = torch.empty((max(layout.n_chunks, 1), dim), dtype=layout.acc_dtype, device=grad_out.device)
-    strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
-    if layout.n_chunks > 0:
-        launch("chunks", _CHUNK_SUMS, (chunk_sums, grad_out, *strides, sorted_keys, order, n_entries, dim, batch,
-                                       seq_len, past_length, *dropout))
-    scale = grad_table if grad_scale is None else grad_scale
-    if layout.scatter:
-        if n_entries > 0:
-            launch("rows", _GRAD_SCATTER, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order,
-                                           bounds, chunk_sums, n_entries, dim, batch, seq_len, padding_idx,
-                                           count_divisor, *dropout, scale))
+        grad_table = (torch.zeros if layout.scatter else torch.empty)((num_rows, dim), dtype=grad_out.dtype,
+                                                                      device=grad_out.device)
+    # A failed launch between fork and join must still join: the table's memory goes back to the
+    # current stream's pool, and must not be handed out again while the side fill may still write it.
+    try:
+        if num_rows == 0 or dim == 0:
+            return grad_table
+        implicit = keys is None
+        n_entries = batch * seq_len
+        if implicit:
+            # Never read: the sorted order of default positions is computed in the kernel.
+            sorted_keys = order = bounds = grad_table
+        else:
+            # Stable, so equal keys keep (b, t) order and the summation order is reproducible.
+            flat_keys = keys.reshape(-1)
+            sorted_keys, order = _sort(flat_keys.to(torch.int32) if layout.int32_keys else flat_keys, stable=True)
+            bounds = torch.empty(num_rows + 1, dtype=torch.int64, device=grad_out.device)
+            launch("bounds", _SEGMENT_BOUNDS, (bounds, sorted_keys, n_entries, num_rows))
+        chunk_sums = torch.empty((max(layout.n_chunks, 1), dim), dtype=layout.acc_dtype, device=grad_out.device)
+        strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+        dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
+        if layout.n_chunks > 0:
+            launch("chunks", _CHUNK_SUMS, (chunk_sums, grad_out, *strides, sorted_keys, order, n_entries, dim, batch,
+                                           seq_len, past_length, *dropout))
+        scale = grad_table if grad_scale is None else grad_scale
+        if layout.scatter:
+            if join_fill is not None:
+                join_fill()
+                join_fill = None
+            if n_entries > 0:
+                launch("rows", _GRAD_SCATTER, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order,
+                                               bounds, chunk_sums, n_entries, num_rows, dim, batch, seq_len, padding_idx,
+                                               count_divisor, *dropout, scale))
+            return grad_table
+        launch("rows", _GRAD_ROWS, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds,
+                                    chunk_sums, num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
+                                    *dropout, scale))
         return grad_table
-    launch("rows", _GRAD_ROWS, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds,
-                                chunk_sums, num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
-                                *dropout, scale))
-    return grad_table
+    finally:
+        if join_fill is not None:
+            join_fill()
 
 
 def _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
@@ -646,7 +687,8 @@ def _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scal
                                                              grad_scale is not None, grad_out.dtype, GRAD_KERNEL)))
     return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
                        dropout_p, dropout_seed, dropout_scale, grad_scale, plans.layout,
-                       lambda slot, kernel, args: _planned_launch(plans, slot, kernel, stream, args))
+                       lambda slot, kernel, args: _planned_launch(plans, slot, kernel, stream, args),
+                       side_stream_fill=grad_out.is_cuda and GRAD_FILL_BESIDE)
 
 
 @_define_op("tokemb_fast::embedding_dense_grad", _dense_grad_planned, mutates_args=())
