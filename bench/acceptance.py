@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import re
 import statistics
@@ -164,54 +163,17 @@ class Clock:
         return time.perf_counter()
 
 
-def _quartiles(values: List[float]):
-    ordered = sorted(values)
-    if len(ordered) < 4:
-        return ordered[0], statistics.median(ordered), ordered[-1]
-    q1, median, q3 = statistics.quantiles(ordered, n=4)
-    return q1, median, q3
-
-
 def per_call_ms(steps: Dict[str, Callable[[], None]], clock: Clock, rounds: int, sample_s: float) -> Dict[str, tuple]:
     """(q1, median, q3) ms per call for each step: back-to-back calls, one synchronize per sample,
     the steps' samples alternated so that each sees the same state of the machine."""
-    calls = {}
-    for name, step in steps.items():
-        started, n = clock.now(), 0
-        while n < 3 or time.perf_counter() - started < sample_s:
-            step()
-            n += 1
-        elapsed = clock.now() - started
-        calls[name] = max(3, int(n * sample_s / max(elapsed, 1e-9)))
-    samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            started = clock.now()
-            for _ in range(calls[name]):
-                step()
-            samples[name].append((clock.now() - started) / calls[name] * 1e3)
-    return {name: _quartiles(values) for name, values in samples.items()}
-
-
-def graph_of(step):
-    """A CUDA graph of one call of step, warmed up on a side stream first (PyTorch's recipe; the
-    id check's graph flag is made by the first eager call, as a capture cannot allocate it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+    samples = bench.alternated_samples(steps, rounds, sample_s, now=clock.now, min_calls=3)
+    return {name: bench.quartiles(values) for name, values in samples.items()}
 
 
 def graph_replay_ms(step) -> tuple:
     import triton.testing
 
-    graph = graph_of(step)
+    graph = bench.cuda_graph_of(step)
     try:
         return tuple(triton.testing.do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75]))
     finally:

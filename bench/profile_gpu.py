@@ -24,20 +24,6 @@ import triton.testing
 from tokemb_fast import bench
 
 
-def graph_of(step):
-    """A CUDA graph of one call of step (warmed up on a side stream, as PyTorch's recipe says)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 def host_us(step, calls=200) -> float:
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -101,7 +87,7 @@ def main(argv=None) -> int:
                     if mode == "fwd+bwd" and impl in ("eager", "hf-eager"):
                         graphed = f"{'-':>9s}"
                     else:
-                        graph = graph_of(step)
+                        graph = bench.cuda_graph_of(step)
                         graphed = f"{median_ms(graph.replay):9.4f}"
                         del graph
                     print(f"{shape_name:10s} {dtype_name:5s} {mode:8s} {impl:12s} {eager:9.4f} {graphed} "

@@ -2,7 +2,6 @@
 it promises, with a message naming the problem, and leaves the tables as they were. The README's
 rows are read from the README itself, so a row added there without a case here fails."""
 import os
-import re
 
 import pytest
 import torch

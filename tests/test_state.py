@@ -25,8 +25,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from conftest import BACKENDS, TRITON_DEVICE, requires_cuda
 from gpt_models import Block, GPTModel, GPTModelKVOptimized, MinGPT, NanoConfig, NanoGPT
 from helpers import TOLERANCES
-from tokemb_fast import (FusedInputEmbedding, FusedInputEmbeddingFunction, autograd, check_ids_now, functional,
-                         fused_input_embedding, id_check, input_embedding_reference, swap_input_embeddings, triton_ops)
+from tokemb_fast import (FusedInputEmbedding, autograd, check_ids_now, functional, fused_input_embedding, id_check,
+                         input_embedding_reference, swap_input_embeddings)
 
 DEVICE = TRITON_DEVICE
 HAS_TRITON_PATH = "triton" in BACKENDS

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 

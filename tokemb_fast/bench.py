@@ -477,34 +477,52 @@ def _cpu_steps(shape: Shape, dtype: torch.dtype, mode: str) -> Dict[str, Callabl
     return {name: step(module) for name, module in modules.items()}
 
 
-def _cpu_samples(steps: Dict[str, Callable[[], None]], samples: int, sample_s: float) -> Dict[str, List[float]]:
-    """Per-call ms, ``samples`` per implementation, taken in alternation so that both see the same
-    state of the machine; each sample is the mean over enough calls to last ``sample_s``."""
+def alternated_samples(steps: Dict[str, Callable[[], None]], samples: int, sample_s: float,
+                       now: Callable[[], float] = time.perf_counter, min_calls: int = 1) -> Dict[str, List[float]]:
+    """Per-call ms, ``samples`` per step, taken in alternation so that every step sees the same
+    state of the machine; each sample is the mean over enough back-to-back calls to last
+    ``sample_s`` (at least ``min_calls``). ``now`` reads the clock: on a GPU, one that synchronises
+    first, so that a sample ends when its last call's work has."""
     calls = {}
     for name, step in steps.items():
         # Warm-up: allocator, caches, the first calls' checks; then size a sample.
-        started = time.perf_counter()
-        n = 0
+        started, n = now(), 0
         while n < 3 or time.perf_counter() - started < sample_s:
             step()
             n += 1
-        calls[name] = max(1, int(n * sample_s / max(time.perf_counter() - started, 1e-9)))
+        calls[name] = max(min_calls, int(n * sample_s / max(now() - started, 1e-9)))
     times = {name: [] for name in steps}
     for _ in range(samples):
         for name, step in steps.items():
-            started = time.perf_counter()
+            started = now()
             for _ in range(calls[name]):
                 step()
-            times[name].append((time.perf_counter() - started) / calls[name] * 1e3)
+            times[name].append((now() - started) / calls[name] * 1e3)
     return times
 
 
-def _quartiles(values: List[float]):
+def quartiles(values: List[float]):
+    """(q1, median, q3); with fewer than four values (min, median, max)."""
     ordered = sorted(values)
     if len(ordered) < 4:
         return ordered[0], statistics.median(ordered), ordered[-1]
     q1, median, q3 = statistics.quantiles(ordered, n=4)
     return q1, median, q3
+
+
+def cuda_graph_of(step: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of one call of step, warmed up on a side stream first (PyTorch's recipe; the
+    id check's graph flag is made by the first eager call, as a capture cannot allocate it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 def run_cpu(shapes: List[Shape], dtypes: List[str], modes: List[str], samples: int = 15, sample_s: float = 0.05,
@@ -517,10 +535,10 @@ def run_cpu(shapes: List[Shape], dtypes: List[str], modes: List[str], samples: i
             dtype = DTYPES[dtype_name]
             for mode in modes:
                 progress(f"{shape.name} {dtype_name} {mode}")
-                times = _cpu_samples(_cpu_steps(shape, dtype, mode), samples, sample_s)
+                times = alternated_samples(_cpu_steps(shape, dtype, mode), samples, sample_s)
                 moved = bytes_moved(shape, torch.tensor([], dtype=dtype).element_size(), mode)
                 for impl in times:
-                    q1, ms, q3 = _quartiles(times[impl])
+                    q1, ms, q3 = quartiles(times[impl])
                     rows.append(Row(shape.name, dtype_name, mode, impl, "uniform", ms, float("nan"), moved,
                                     ms_q1=q1, ms_q3=q3, extra={"samples": len(times[impl])}))
     return rows

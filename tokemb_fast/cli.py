@@ -15,7 +15,7 @@ import torch
 
 from .data import GPT2_VOCAB_SIZE, SAMPLE_TEXT_FILE, create_dataloader, gpt2_encoding, sample_text
 from ._version import __version__
-from .functional import backend_name, resolve_backend
+from .functional import backend_name
 from .module import FusedInputEmbedding
 from .reference import input_embedding_reference
 

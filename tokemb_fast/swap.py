@@ -263,8 +263,8 @@ def _overflow_error(model, attribute):
             return None
         except Exception as error:  # noqa: BLE001  (whatever the original raises, the swapped forward raises)
             return type(error) if getattr(model, attribute) == model.pos_emb.num_embeddings else None
-    raise TypeError(f"its forward with use_cache=True does not fail when the positions run past pos_emb; "
-                    f"the fused lookup would")
+    raise TypeError("its forward with use_cache=True does not fail when the positions run past pos_emb; "
+                    "the fused lookup would")
 
 
 def _install_cache_forward(attribute):
