@@ -367,19 +367,17 @@ def measure_group(run: Run, shape: bench.Shape, dtype_name: str, liger) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_kernels(run: Run, shape, dtype, fused_step, case, impl="fused") -> None:
-    iterations = 5
-    durations = kernel_durations_us(fused_step, iterations)
-    per_call = sorted(((sum(us) / iterations, len(us) / iterations, name) for name, us in durations.items()),
-                      reverse=True)
-    run.record("kernels", impl=impl,
-               kernels=[dict(name=name[:120], us=us, launches=count) for us, count, name in per_call], **case)
+def token_gradient_us(durations: Dict[str, List[float]], iterations: int, impl: str) -> List[float]:
+    """The token table's gradient time (us) per call, from one profile of ``iterations`` calls;
+    empty when the profile does not hold the launches expected."""
     if impl == CANDIDATE:
         # The token table's gradient is its fill (PyTorch's FillFunctor kernel: the longest fill of
         # each call by far, V x D) plus the scatter; on a GPU the fill runs beside the sort
         # (triton_ops._fill_beside), so the graph time, not this sum, says what the overlap saved.
-        scatters = [us for name, values in durations.items() if "embedding_grad_scatter_kernel" in name
-                    for us in values]
+        # With explicit position ids (decode) the position table scatters too: two launches a call,
+        # over the same number of entries; the longest are taken, as for the row kernel.
+        scatters = sorted((us for name, values in durations.items() if "embedding_grad_scatter_kernel" in name
+                           for us in values), reverse=True)[:iterations]
         fills = sorted((us for name, values in durations.items() if "fill" in name.lower() for us in values),
                        reverse=True)[:iterations]
         token = [statistics.median(scatters) + statistics.median(fills)] \
@@ -388,7 +386,18 @@ def measure_kernels(run: Run, shape, dtype, fused_step, case, impl="fused") -> N
         rows = sorted((us for name, values in durations.items() if "embedding_grad_rows_kernel" in name
                        for us in values), reverse=True)
         # Two launches per call (token table, position table): the token table's are the longest.
-        token = rows[:iterations]
+        token = rows[:iterations] if len(rows) >= iterations else []
+    return token
+
+
+def measure_kernels(run: Run, shape, dtype, fused_step, case, impl="fused") -> None:
+    iterations = 5
+    durations = kernel_durations_us(fused_step, iterations)
+    per_call = sorted(((sum(us) / iterations, len(us) / iterations, name) for name, us in durations.items()),
+                      reverse=True)
+    run.record("kernels", impl=impl,
+               kernels=[dict(name=name[:120], us=us, launches=count) for us, count, name in per_call], **case)
+    token = token_gradient_us(durations, iterations, impl)
     floor = kernel_durations_us(row_floor_step(shape, dtype, run.device), iterations)
     floor_us = sum(sum(values) for values in floor.values()) / iterations
     if token and floor_us > 0:

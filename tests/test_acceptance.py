@@ -162,6 +162,20 @@ def test_per_call_timing_alternates_and_tells_a_slower_call():
     assert blocks[-8:] == ["fast", "slow"] * 4
 
 
+@pytest.mark.parametrize("position_scatters", [False, True])
+def test_the_token_gradient_time_from_a_profile(position_scatters):
+    # What measure_kernels reads from the profile of 2 calls (CUDA only, so read here from made-up
+    # durations): the row kernel's longest launches; the candidate's longest scatters plus its
+    # longest fills, also when explicit position ids (decode) make the position table scatter too.
+    profile = {"embedding_grad_rows_kernel": [90.0, 5.0, 91.0, 6.0],
+               "void at::native::vectorized_elementwise_kernel<FillFunctor<float>>": [50.0, 1.0, 52.0, 2.0],
+               "embedding_grad_scatter_kernel": [20.0, 22.0] + ([3.0, 4.0] if position_scatters else [])}
+    assert acceptance.token_gradient_us(profile, 2, "fused") == [91.0, 90.0]
+    assert acceptance.token_gradient_us(profile, 2, acceptance.CANDIDATE) == [21.0 + 51.0]
+    assert acceptance.token_gradient_us({"embedding_grad_scatter_kernel": [20.0]}, 2, acceptance.CANDIDATE) == []
+    assert acceptance.token_gradient_us({"embedding_grad_rows_kernel": [20.0]}, 2, "fused") == []
+
+
 def test_kernel_durations_read_the_profiler_per_call():
     a, b = torch.randn(4096), torch.randn(4096)
     durations = acceptance.kernel_durations_us(lambda: a.add(b), iterations=4, device_type="cpu")

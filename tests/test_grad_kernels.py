@@ -6,6 +6,8 @@ up, one program per run of sorted entries. They sum each segment in the same ord
 gradients must be bitwise equal, for every id layout and option, and both must match the float64
 oracle. (Which is faster is a GPU question: bench/acceptance.py times both.)
 """
+import threading
+
 import pytest
 import torch
 
@@ -103,6 +105,43 @@ def test_the_setting_picks_the_kernel_and_keeps_plans_apart(kernel_launches):
     assert triton_ops.GRAD_KERNEL == setting
     with pytest.raises(ValueError, match="grad_kernel must be one of"):
         triton_ops.grad_kernel("atomic")
+
+
+def test_the_setting_is_restored_whatever_order_contexts_close_in():
+    # Two threads whose contexts interleave (A opens, B opens, A closes, B closes), and one instance
+    # entered twice: the innermost open context decides, and with none open the setting is back.
+    setting = triton_ops.GRAD_KERNEL
+    other = "scatter" if setting == "rows" else "rows"
+    a_open, b_open, a_closed = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with triton_ops.grad_kernel(other):
+            a_open.set()
+            b_open.wait(10)
+        a_closed.set()
+
+    def thread_b():
+        a_open.wait(10)
+        with triton_ops.grad_kernel(setting):
+            b_open.set()
+            a_closed.wait(10)
+            seen["after A closed"] = triton_ops.GRAD_KERNEL
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"after A closed": setting} and triton_ops.GRAD_KERNEL == setting
+    context = triton_ops.grad_kernel(other)
+    with context:
+        with triton_ops.grad_kernel(setting):
+            with context:
+                assert triton_ops.GRAD_KERNEL == other
+            assert triton_ops.GRAD_KERNEL == setting
+        assert triton_ops.GRAD_KERNEL == other
+    assert triton_ops.GRAD_KERNEL == setting
 
 
 def test_scatter_allocates_the_table_once_in_its_own_dtype():
@@ -247,6 +286,8 @@ def test_side_stream_fill_on_a_user_stream_under_load():
 
     results = _rows_then_scatter(step)
     assert triton_ops.GRAD_FILL_BESIDE
+    # The user stream's own side stream (one per current stream, not one per device).
+    assert (torch.device("cuda", torch.cuda.current_device()), user.cuda_stream) in triton_ops._fill_streams
     for got, want in zip(results["scatter"], results["rows"]):
         assert torch.equal(got, want)
 

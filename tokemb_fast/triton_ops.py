@@ -19,6 +19,7 @@ Importing this module imports Triton and the kernels. ``TRITON_INTERPRET=1`` mus
 that import for the kernels to run on CPU tensors (Triton decides at decoration time).
 """
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -515,8 +516,16 @@ class _GradLayout(NamedTuple):
 
 
 class grad_kernel:
-    """Within this context (any thread), tables with given keys take this gradient kernel
-    (GRAD_KERNELS): a switch for measuring the two side by side, not for production use."""
+    """Within this context, tables with given keys take this gradient kernel (GRAD_KERNELS): a
+    switch for measuring the two side by side, not for production use. The setting is global, not
+    per thread (a backward may run on autograd's device thread): the innermost context still open,
+    in whichever thread, decides; contexts may close in any order and an instance may be re-entered.
+    torch.compile reads the setting when it traces: a compiled graph keeps the kernel it was traced
+    with."""
+
+    _open: list = []          # (instance, name), in the order entered
+    _before = None            # GRAD_KERNEL when the first of them opened
+    _lock = threading.Lock()
 
     def __init__(self, name: str):
         if name not in GRAD_KERNELS:
@@ -525,12 +534,21 @@ class grad_kernel:
 
     def __enter__(self):
         global GRAD_KERNEL
-        self.previous, GRAD_KERNEL = GRAD_KERNEL, self.name
+        with grad_kernel._lock:
+            if not grad_kernel._open:
+                grad_kernel._before = GRAD_KERNEL
+            grad_kernel._open.append((self, self.name))
+            GRAD_KERNEL = self.name
         return self
 
     def __exit__(self, *exc):
         global GRAD_KERNEL
-        GRAD_KERNEL = self.previous
+        with grad_kernel._lock:
+            opened = grad_kernel._open
+            # This instance's latest entry (an instance re-entered closes innermost first).
+            latest = max(i for i, (instance, _) in enumerate(opened) if instance is self)
+            del opened[latest]
+            GRAD_KERNEL = opened[-1][1] if opened else grad_kernel._before
 
 
 def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, has_dropout, has_grad_scale,
@@ -606,12 +624,15 @@ def _fill_beside(grad_table: torch.Tensor):
     stream they run one after the other, on two they can share the GPU. The table is allocated on
     the current stream, and that stream waits for the fill before its first use (the scatter), so
     every later use and the table's release are ordered after the fill (no record_stream needed).
-    Fork and join are event waits, which CUDA graph capture records as graph edges."""
+    Fork and join are event waits, which CUDA graph capture records as graph edges. One side
+    stream per current stream, not per device: a thread's fill then never waits on another
+    thread's work, nor lands in a graph another thread is capturing."""
     device = grad_table.device
-    side = _fill_streams.get(device)
-    if side is None:
-        side = _fill_streams.setdefault(device, torch.cuda.Stream(device))
     main = torch.cuda.current_stream(device)
+    key = (device, main.cuda_stream)
+    side = _fill_streams.get(key)
+    if side is None:
+        side = _fill_streams.setdefault(key, torch.cuda.Stream(device))
     side.wait_stream(main)
     with torch.cuda.stream(side):
         grad_table.zero_()
