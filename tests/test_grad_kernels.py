@@ -13,7 +13,7 @@ import torch
 
 from conftest import TRITON_DEVICE, launches_of
 from helpers import TOLERANCES, exact_reference, id_distribution, random_tables
-from tokemb_fast import fused_input_embedding, triton_ops
+from tokemb_fast import bench, fused_input_embedding, triton_ops
 
 pytestmark = pytest.mark.skipif(not (triton_ops.INTERPRETED or torch.cuda.is_available()),
                                 reason="runs the Triton kernels (interpreted or on a GPU)")
@@ -299,21 +299,17 @@ def test_side_stream_fill_in_a_captured_graph():
     grad_out = torch.randn(4, 128, 64, device="cuda")
 
     def step():
-        def once():
+        static = {}
+
+        def once():  # the last call is the captured one: its outputs are the graph's
             out = fused_input_embedding(ids, token_weight, position_weight, backend="triton", check_ids=False)
-            return torch.autograd.grad(out, (token_weight, position_weight), grad_out)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture, as PyTorch's recipe says
-            once()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = once()
+            static["grads"] = torch.autograd.grad(out, (token_weight, position_weight), grad_out)
+
+        graph = bench.cuda_graph_of(once)
         ids.copy_(replay_ids)  # new ids, same buffers
         graph.replay()
         torch.cuda.synchronize()
-        return tuple(t.clone() for t in static)
+        return tuple(t.clone() for t in static["grads"])
 
     fresh = ids.clone()
     replay_ids = id_distribution("zipf", (4, 128), 3000, device="cuda")

@@ -485,7 +485,8 @@ def alternated_samples(steps: Dict[str, Callable[[], None]], samples: int, sampl
     first, so that a sample ends when its last call's work has."""
     calls = {}
     for name, step in steps.items():
-        # Warm-up: allocator, caches, the first calls' checks; then size a sample.
+        # Warm-up: allocator, caches, the first calls' checks; then size a sample (the loop reads the
+        # plain clock: ``now`` may synchronise, which would serialise the calls being counted).
         started, n = now(), 0
         while n < 3 or time.perf_counter() - started < sample_s:
             step()

@@ -523,7 +523,7 @@ class grad_kernel:
     torch.compile reads the setting when it traces: a compiled graph keeps the kernel it was traced
     with."""
 
-    _open: list = []          # (instance, name), in the order entered
+    _open: list = []          # the instances, in the order entered (one may be there twice)
     _before = None            # GRAD_KERNEL when the first of them opened
     _lock = threading.Lock()
 
@@ -537,7 +537,7 @@ class grad_kernel:
         with grad_kernel._lock:
             if not grad_kernel._open:
                 grad_kernel._before = GRAD_KERNEL
-            grad_kernel._open.append((self, self.name))
+            grad_kernel._open.append(self)
             GRAD_KERNEL = self.name
         return self
 
@@ -546,9 +546,8 @@ class grad_kernel:
         with grad_kernel._lock:
             opened = grad_kernel._open
             # This instance's latest entry (an instance re-entered closes innermost first).
-            latest = max(i for i, (instance, _) in enumerate(opened) if instance is self)
-            del opened[latest]
-            GRAD_KERNEL = opened[-1][1] if opened else grad_kernel._before
+            del opened[max(i for i, instance in enumerate(opened) if instance is self)]
+            GRAD_KERNEL = opened[-1].name if opened else grad_kernel._before
 
 
 def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, has_dropout, has_grad_scale,
@@ -644,21 +643,19 @@ def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_b
     """The body both forms share: ``launch(slot, kernel, args)`` launches one kernel.
     side_stream_fill (CUDA, not traced): the scatter layout's fill overlaps the sort (_fill_beside)."""
     batch, seq_len, dim = grad_out.shape
-    join_fill = None
-    if layout.scatter and side_stream_fill and num_rows > 0 and dim > 0 and batch * seq_len > 0:
-        grad_table = torch.empty((num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
-        join_fill = _fill_beside(grad_table)
-    else:
-        grad_table = (torch.zeros if layout.scatter else torch.empty)((num_rows, dim), dtype=grad_out.dtype,
-                                                                      device=grad_out.device)
-    # A failed launch between fork and join must still join: the table's memory goes back to the
-    # current stream's pool, and must not be handed out again while the side fill may still write it.
+    n_entries = batch * seq_len
+    fill_beside = layout.scatter and side_stream_fill and num_rows > 0 and dim > 0 and n_entries > 0
+    grad_table = (torch.zeros if layout.scatter and not fill_beside else torch.empty)(
+        (num_rows, dim), dtype=grad_out.dtype, device=grad_out.device)
+    if num_rows == 0 or dim == 0:
+        return grad_table
+    strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
+    join_fill = _fill_beside(grad_table) if fill_beside else None
+    # Joined however the launches in between end: a failed one sends the table's memory back to the
+    # current stream's pool, which must not hand it out again while the side fill may still write it.
     try:
-        if num_rows == 0 or dim == 0:
-            return grad_table
-        implicit = keys is None
-        n_entries = batch * seq_len
-        if implicit:
+        if keys is None:
             # Never read: the sorted order of default positions is computed in the kernel.
             sorted_keys = order = bounds = grad_table
         else:
@@ -668,28 +665,23 @@ def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_b
             bounds = torch.empty(num_rows + 1, dtype=torch.int64, device=grad_out.device)
             launch("bounds", _SEGMENT_BOUNDS, (bounds, sorted_keys, n_entries, num_rows))
         chunk_sums = torch.empty((max(layout.n_chunks, 1), dim), dtype=layout.acc_dtype, device=grad_out.device)
-        strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-        dropout = _dropout_args(dropout_p, dropout_seed, dropout_scale, grad_table)
         if layout.n_chunks > 0:
             launch("chunks", _CHUNK_SUMS, (chunk_sums, grad_out, *strides, sorted_keys, order, n_entries, dim, batch,
                                            seq_len, past_length, *dropout))
-        scale = grad_table if grad_scale is None else grad_scale
-        if layout.scatter:
-            if join_fill is not None:
-                join_fill()
-                join_fill = None
-            if n_entries > 0:
-                launch("rows", _GRAD_SCATTER, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order,
-                                               bounds, chunk_sums, n_entries, num_rows, dim, batch, seq_len, padding_idx,
-                                               count_divisor, *dropout, scale))
-            return grad_table
-        launch("rows", _GRAD_ROWS, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds,
-                                    chunk_sums, num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
-                                    *dropout, scale))
-        return grad_table
     finally:
         if join_fill is not None:
             join_fill()
+    scale = grad_table if grad_scale is None else grad_scale
+    if layout.scatter:
+        if n_entries > 0:
+            launch("rows", _GRAD_SCATTER, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order,
+                                           bounds, chunk_sums, n_entries, num_rows, dim, batch, seq_len, padding_idx,
+                                           count_divisor, *dropout, scale))
+        return grad_table
+    launch("rows", _GRAD_ROWS, (grad_table, grad_table.stride(0), grad_out, *strides, sorted_keys, order, bounds,
+                                chunk_sums, num_rows, dim, batch, seq_len, past_length, padding_idx, count_divisor,
+                                *dropout, scale))
+    return grad_table
 
 
 def _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
