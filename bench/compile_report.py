@@ -215,8 +215,8 @@ def ptxas_usage(ptx: str) -> Dict[str, int]:
 
 
 # Constexprs worth a column: the tile shape and the variant switches.
-_SHOWN = ("BLOCK_D", "TILE", "ROWS", "BLOCK", "BLOCK_N", "CHUNK", "SHORT", "HAS_POSITION_IDS",
-          "IMPLICIT_POSITIONS", "HAS_DROPOUT", "ALIGNED4", "ACC_FP64", "SCALE_BY_FREQ")
+_SHOWN = ("BLOCK_D", "TILE", "ROWS", "BLOCK", "BLOCK_N", "CHUNK", "SHORT", "HAS_POSITION_IDS", "HAS_BOUNDS",
+          "HAS_CHUNKS", "IMPLICIT_POSITIONS", "HAS_DROPOUT", "ALIGNED4", "ACC_FP64", "SCALE_BY_FREQ")
 
 
 def kernel_reports(kernels_module) -> Dict[str, KernelReport]:

@@ -3,8 +3,7 @@
 Only ``@triton.jit`` functions live here: no shapes are checked and nothing is launched. The
 launchers, with their argument checks, are in ``tokemb_fast.triton_ops``.
 """
-from .backward import (embedding_grad_rows_kernel, embedding_grad_scatter_kernel, segment_bounds_kernel,
-                       segment_chunk_sums_kernel)
+from .backward import embedding_grad_rows_kernel, embedding_grad_scatter_kernel, segment_bounds_and_chunks_kernel
 from .dropout import apply_dropout_mask_kernel
 from .encoder import encoder_embedding_bwd_kernel, encoder_embedding_fwd_kernel
 from .forward import input_embedding_fwd_kernel
@@ -14,8 +13,7 @@ __all__ = [
     "encoder_embedding_bwd_kernel",
     "encoder_embedding_fwd_kernel",
     "input_embedding_fwd_kernel",
-    "segment_bounds_kernel",
-    "segment_chunk_sums_kernel",
+    "segment_bounds_and_chunks_kernel",
     "embedding_grad_rows_kernel",
     "embedding_grad_scatter_kernel",
 ]

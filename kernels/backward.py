@@ -1,22 +1,22 @@
 """Backward kernels: a deterministic, single-write embedding gradient.
 
 grad_table[r, :] = sum of grad_out[b, t, :] over every (b, t) whose key (token id, or position)
-is r. The same three kernels serve the token table and the position table.
+is r. The same kernels serve the token table and the position table.
 
 Why not atomic_add: float atomics make the summation order depend on scheduling, so the
 gradient changes in its last bits from run to run; they also need an fp32 scratch table for
 bf16/fp16 (no native half-precision atomics at this width) and a zero-fill pass first.
 
 Instead the caller sorts the keys once (a stable device sort, no host sync), so the entries of
-each table row form one contiguous *segment* of the sorted order. segment_bounds_kernel finds
-where each row's segment starts (one binary search per row, all in parallel). Each program of
+each table row form one contiguous *segment* of the sorted order. segment_bounds_and_chunks_kernel
+finds where each row's segment starts (one binary search per row, all in parallel). Each program of
 embedding_grad_rows_kernel then owns a tile of table rows, sums the grad rows of each segment in
 a fixed order in fp32 registers, and writes every table row exactly once (untouched rows get
 zeros).
 
 One very frequent key (all ids equal, or Zipf's head) must not serialise a whole batch in one
-program. So the sorted order is also cut into CHUNK-sized pieces: segment_chunk_sums_kernel sums
-each piece that lies inside a single segment, in parallel. In the row kernel, short segments are
+program. So the sorted order is also cut into CHUNK-sized pieces, and the same launch sums each
+piece that lies inside a single segment, in parallel. In the row kernel, short segments are
 summed for all the tile's rows at once, one entry per step; a long one is summed by its row with
 LONG_TILE-wide tile loads of its leading entries, of the partial sums of the pieces it covers, and
 of its trailing entries: a few dependent steps whatever the distribution. The summation order
@@ -67,21 +67,22 @@ def _load_grad(grad_out_ptr, b, step, col_start, mask, stride_grad_b, stride_gra
 
 
 @triton.jit
-def segment_bounds_kernel(
-    bounds_ptr,                  # [num_rows + 1]: bounds[r] = first sorted index with key >= r
-    sorted_keys_ptr, n_entries, num_rows,
-    BLOCK: tl.constexpr,
-):
-    # A vector lower_bound, one lane per table row. Done here, fully parallel, rather than in
-    # the row kernel, where each program would wait on a chain of dependent loads.
-    target = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _lower_bounds(bounds_ptr, sorted_keys_ptr, n_entries, num_rows, block, BLOCK: tl.constexpr):
+    """bounds[r] = first sorted index with key >= r, for rows r of this block: a vector lower_bound,
+    one lane per table row. Done once for all rows, fully parallel, rather than in the row kernel,
+    where each program would wait on a chain of dependent loads."""
+    target = block * BLOCK + tl.arange(0, BLOCK)
     lo = tl.zeros_like(target)
     hi = tl.zeros_like(target) + n_entries
-    # floor(log2(n + 1)) + 1 halvings empty any range [0, n]; one spare covers float rounding
-    # in log2. Extra steps with lo == hi load nothing.
-    # (Built from a tensor: Triton turns an integer argument equal to 1 into a constexpr.)
-    n_as_float = tl.sum(tl.zeros([1], dtype=tl.float32) + n_entries, axis=0)
-    search_steps = (tl.log2(n_as_float + 1.0) + 2.0).to(tl.int32)
+    # Each halving leaves at most half of [lo, hi), so bit_length(n) steps empty any range [0, n];
+    # the loop counts them in integers (a float log2 would bring multiply-adds into a kernel that
+    # must have none: the chunk sums). Extra steps with lo == hi load nothing. (Built from a
+    # tensor: Triton turns an integer argument equal to 1 into a constexpr.)
+    remaining = tl.max(hi, axis=0)
+    search_steps = 0
+    while remaining > 0:
+        remaining = remaining // 2
+        search_steps += 1
     for _ in range(search_steps):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -106,21 +107,12 @@ def _segment_bounds(rows, row_ok, bounds_ptr, batch, seq_len, past_length, IMPLI
 
 
 @triton.jit
-def segment_chunk_sums_kernel(
-    chunk_sums_ptr,              # [n_entries // CHUNK, D], accumulator dtype
-    grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
-    keys_ptr, order_ptr,
-    n_entries, dim, batch, seq_len, past_length,
-    dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
-    IMPLICIT_POSITIONS: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    ALIGNED4: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    chunk = tl.program_id(0).to(tl.int64)
-    col_start = tl.program_id(1).to(tl.int64) * BLOCK_D
+def _chunk_sum(chunk_sums_ptr, chunk, col_start, grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
+               keys_ptr, order_ptr, n_entries, dim, batch, seq_len, past_length,
+               dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS: tl.constexpr,
+               ACC_FP64: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGNED4: tl.constexpr, CHUNK: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """chunk_sums[chunk, cols] = the sum of the chunk's CHUNK sorted entries, if they share a key."""
     cols = col_start + tl.arange(0, BLOCK_D)
     col_ok = cols < dim
     first = chunk * CHUNK
@@ -130,7 +122,7 @@ def segment_chunk_sums_kernel(
     key_last, _b1, _t1 = _sorted_entry(last, keys_ptr, order_ptr, last < n_entries, batch, seq_len, past_length,
                                        IMPLICIT_POSITIONS)
     # Only a chunk inside one segment is ever read back (see the row kernel), so the others do
-    # nothing. The grid holds only full chunks, so both ends above are in range.
+    # nothing. Only full chunks get here, so both ends above are in range.
     if key_first == key_last:
         entries = first + tl.arange(0, CHUNK)
         _key, b, step = _sorted_entry(entries, keys_ptr, order_ptr, entries < n_entries, batch, seq_len,
@@ -143,6 +135,46 @@ def segment_chunk_sums_kernel(
         else:
             total = tl.sum(tile.to(tl.float32), axis=0)
         tl.store(chunk_sums_ptr + chunk * dim + cols, total, mask=col_ok)
+
+
+@triton.jit
+def segment_bounds_and_chunks_kernel(
+    bounds_ptr,                  # [num_rows + 1]: bounds[r] = first sorted index with key >= r
+    chunk_sums_ptr,              # [n_entries // CHUNK, D], accumulator dtype
+    grad_out_ptr, stride_grad_b, stride_grad_t, stride_grad_d,
+    keys_ptr, order_ptr,
+    n_entries, num_rows, dim, batch, seq_len, past_length,
+    dropout_seed_ptr, dropout_scale_ptr, dropout_threshold,
+    HAS_BOUNDS: tl.constexpr,
+    HAS_CHUNKS: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr,
+    IMPLICIT_POSITIONS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ALIGNED4: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # The two preparations of the row kernel's inputs read only the sorted keys and order and do
+    # not depend on each other, so they share one launch (one fewer kernel per table: host time
+    # per call, and the latency-bound search overlaps the chunk sums on the GPU). The first
+    # cdiv(num_rows + 1, SEARCH_BLOCK) programs of the first grid column search a block of rows
+    # each; the programs after them sum one chunk's columns each.
+    program = tl.program_id(0).to(tl.int64)
+    col_block = tl.program_id(1)
+    chunk = program
+    if HAS_BOUNDS:
+        search_programs = (num_rows + SEARCH_BLOCK) // SEARCH_BLOCK
+        chunk = program - search_programs
+        if program < search_programs:
+            if col_block == 0:
+                _lower_bounds(bounds_ptr, keys_ptr, n_entries, num_rows, program, SEARCH_BLOCK)
+    if HAS_CHUNKS:
+        if (chunk >= 0) & (chunk < n_entries // CHUNK):
+            _chunk_sum(chunk_sums_ptr, chunk, col_block.to(tl.int64) * BLOCK_D, grad_out_ptr, stride_grad_b,
+                       stride_grad_t, stride_grad_d, keys_ptr, order_ptr, n_entries, dim, batch, seq_len,
+                       past_length, dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS,
+                       ACC_FP64, HAS_DROPOUT, ALIGNED4, CHUNK, BLOCK_D)
 
 
 @triton.jit

@@ -64,14 +64,14 @@ def test_every_case_compiles_without_spills(report):
     assert report["returncode"] == 0, report["stderr"][-4000:]
     assert len(report["cases"]) >= 7 and len(report["kernels"]) >= 10
     # Every variant family compiled at least once, the closed-form (default positions) chunk sums too.
-    chunk_variants = {k["specialisation"]["IMPLICIT_POSITIONS"] for k in report["kernels"]
-                      if k["kernel"] == "segment_chunk_sums_kernel"}
-    assert chunk_variants == {True, False}
+    chunk_variants = {(k["specialisation"]["IMPLICIT_POSITIONS"], k["specialisation"]["HAS_BOUNDS"])
+                      for k in report["kernels"]
+                      if k["kernel"] == "segment_bounds_and_chunks_kernel" and k["specialisation"]["HAS_CHUNKS"]}
+    assert chunk_variants == {(True, False), (False, True)}
 
 
 def test_no_contracted_multiply_adds(report):
-    # segment_bounds_kernel uses float math only to count its binary-search steps (with a spare).
-    fused = [(k["kernel"], k["fma"]) for k in report["kernels"] if k["fma"] and k["kernel"] != "segment_bounds_kernel"]
+    fused = [(k["kernel"], k["fma"]) for k in report["kernels"] if k["fma"]]
     assert fused == []
 
 
@@ -96,8 +96,8 @@ def test_launches_per_forward_and_backward(report):
         if case["encoder"]:
             # One forward; the backward: one LayerNorm kernel, then the table-gradient kernels of the
             # word, position (RoBERTa's positions: explicit keys) and token-type tables.
-            token = ["segment_bounds_kernel", "segment_chunk_sums_kernel", "embedding_grad_rows_kernel"]
-            position = token if "RoBERTa" in case["case"] else token[1:]
+            token = ["segment_bounds_and_chunks_kernel", "embedding_grad_rows_kernel"]
+            position = token
             assert kernels == ["encoder_embedding_fwd_kernel", "encoder_embedding_bwd_kernel", *token, *position,
                                *token], case
             continue
@@ -106,10 +106,10 @@ def test_launches_per_forward_and_backward(report):
             # Token grad: the masked upstream rows (the sparse values); position grad: the dense kernels.
             assert kernels[1:] == ["apply_dropout_mask_kernel", "embedding_grad_rows_kernel"], case
             continue
-        token = ["segment_bounds_kernel", "segment_chunk_sums_kernel", "embedding_grad_rows_kernel"]
+        token = ["segment_bounds_and_chunks_kernel", "embedding_grad_rows_kernel"]
         # Default positions need no search (their sorted order is known), nor, with B < 32, chunk
-        # partials (their B-entry segments never cover a whole chunk); explicit positions need both.
-        position = token if case["explicit_positions"] else token[1:] if case["batch"] >= 32 else token[2:]
+        # partials (their B-entry segments never cover a whole chunk): then no segments launch at all.
+        position = token if case["explicit_positions"] or case["batch"] >= 32 else token[1:]
         assert kernels[1:] == token + position, case
         for launch in case["launches"]:
             assert all(size >= 1 for size in launch["grid"])
@@ -143,15 +143,17 @@ def test_compile_traces_into_the_gpu_ops_fullgraph(traced):
     # The GPU path's triton_ops under Dynamo + AOT autograd (what Inductor starts from): each is
     # decomposed into its kernels as graph nodes, nothing opaque is left, and one forward and one
     # backward graph serve every call of a case (a new seq_len under dynamic=True included).
-    bounds, chunks, rows = "triton:segment_bounds_kernel", "triton:segment_chunk_sums_kernel", \
-        "triton:embedding_grad_rows_kernel"
-    expected_backward = {  # per table: sort, bounds, chunk sums when a whole chunk exists, rows
-        "dropout, padding_idx, scale_grad_by_freq": [bounds, rows, rows],  # 15 ids, default positions
-        "position_ids [B, T]": [bounds, rows, bounds, rows],
-        "past_length, dynamic seq_len": [bounds, rows, rows],
-        "autotuned forward": [bounds, chunks, rows, rows],  # 1024 ids; B = 1 < 32: no position chunks
-        "swapped GPTModel": [bounds, chunks, rows, rows],
-        "swapped GPT2LMHeadModel": [bounds, chunks, rows, bounds, chunks, rows],  # HF passes [1, T] positions
+    segments, rows = "triton:segment_bounds_and_chunks_kernel", "triton:embedding_grad_rows_kernel"
+    # Per table: sort and segments (bounds and chunk sums: one launch) for explicit keys, then rows;
+    # default positions with B < 32 need neither sort nor segments. Every case here sorts once per
+    # segments launch.
+    expected_backward = {
+        "dropout, padding_idx, scale_grad_by_freq": [segments, rows, rows],  # 15 ids, default positions
+        "position_ids [B, T]": [segments, rows, segments, rows],
+        "past_length, dynamic seq_len": [segments, rows, rows],
+        "autotuned forward": [segments, rows, rows],  # 1024 ids; B = 1 < 32: no position chunks
+        "swapped GPTModel": [segments, rows, rows],
+        "swapped GPT2LMHeadModel": [segments, rows, segments, rows],  # HF passes [1, T] positions
     }
     if importlib.util.find_spec("transformers") is None:  # the optional [hf] extra
         del expected_backward["swapped GPT2LMHeadModel"]
@@ -164,7 +166,7 @@ def test_compile_traces_into_the_gpu_ops_fullgraph(traced):
         autotuned = case == "autotuned forward"  # 2^20 outputs; smaller calls take the fixed config
         assert forward_kernels == ["triton:" + ("autotuned:" if autotuned else "") + "input_embedding_fwd_kernel"]
         assert [t for t in backward if t.startswith("triton:")] == expected_backward[case], case
-        assert backward.count("aten::sort.stable") == expected_backward[case].count(bounds), case
+        assert backward.count("aten::sort.stable") == expected_backward[case].count(segments), case
 
 
 def test_host_overhead_script_times_the_gpu_path():

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+import triton
 
 from conftest import TRITON_DEVICE, launches_of
 from helpers import TOLERANCES, exact_reference, id_distribution, random_tables
@@ -214,7 +215,37 @@ def test_unchecked_bad_ids_touch_no_memory_around_the_gradient_table(kernel, mon
     torch.testing.assert_close(grad_token, expected)
 
 
-@pytest.mark.parametrize("failing_slot", ["bounds", "chunks", "rows", None])
+@pytest.mark.parametrize("num_rows", [1, 1023, 1024, 2500])
+def test_one_launch_finds_every_bound_and_sums_every_single_key_chunk(num_rows):
+    # The bounds' search programs come first in the launch's grid, the chunks' after them: with one
+    # or several of each, every bound must be searchsorted's and every chunk within one key its sum.
+    chunk = triton_ops.GRAD_CHUNK
+    ids = id_distribution("zipf", (4, 64), num_rows, device=TRITON_DEVICE)
+    ids[1, :2 * chunk] = num_rows - 1  # a long segment at the table's end: at least one whole chunk
+    grad_out = torch.randn(4, 64, 16, device=TRITON_DEVICE)
+    layout = triton_ops._grad_layout(4, 64, 16, num_rows, False, False, False, False, torch.float32)
+    launched = {}
+
+    def launch(slot, kernel, args):
+        launched[slot] = args
+        triton_ops._traced_launch(kernel, getattr(layout, slot)[0], args, getattr(layout, slot)[1])
+
+    grad_table = triton_ops._dense_grad(grad_out, ids, num_rows, 0, -1, False, 1, 0.0, None, None, None, layout,
+                                        launch)
+    bounds, chunk_sums, sorted_keys, order = (launched["segments"][i] for i in (0, 1, 6, 7))
+    assert layout.segments[0][0] == triton.cdiv(num_rows + 1, triton_ops.SEARCH_BLOCK) + 256 // chunk
+    rows = torch.arange(num_rows + 1, device=TRITON_DEVICE)
+    assert torch.equal(bounds, torch.searchsorted(sorted_keys.long(), rows))
+    flat_grad = grad_out.reshape(-1, 16)
+    single_key = [i for i in range(256 // chunk) if sorted_keys[i * chunk] == sorted_keys[(i + 1) * chunk - 1]]
+    assert single_key
+    for i in single_key:  # (fp32 sums in the chunk's sorted order)
+        torch.testing.assert_close(chunk_sums[i], flat_grad[order[i * chunk:(i + 1) * chunk]].sum(0))
+    expected = torch.zeros(num_rows, 16, device=TRITON_DEVICE).index_add_(0, ids.reshape(-1), flat_grad)
+    torch.testing.assert_close(grad_table, expected)
+
+
+@pytest.mark.parametrize("failing_slot", ["segments", "rows", None])
 def test_the_side_fill_is_joined_once_even_when_a_launch_fails(failing_slot, monkeypatch):
     # The side-stream fork and join (CUDA only) replaced by a recorder, so the body's bookkeeping
     # runs here: one join per fork, before the scatter launch when it is reached, and still one when
@@ -241,7 +272,7 @@ def test_the_side_fill_is_joined_once_even_when_a_launch_fails(failing_slot, mon
                                           launch, side_stream_fill=True)
     if failing_slot is None:
         grad_table = call()
-        assert events == ["fork", "bounds", "chunks", "join", "rows"]
+        assert events == ["fork", "segments", "join", "rows"]
         expected = torch.zeros(300, 16, device=TRITON_DEVICE).index_add_(0, ids.reshape(-1), grad_out.reshape(-1, 16))
         torch.testing.assert_close(grad_table, expected)
     else:

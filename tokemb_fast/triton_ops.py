@@ -29,8 +29,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from triton.runtime.driver import driver
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, embedding_grad_scatter_kernel,
-                      input_embedding_fwd_kernel,
-                      segment_bounds_kernel, segment_chunk_sums_kernel)
+                      input_embedding_fwd_kernel, segment_bounds_and_chunks_kernel)
 from . import id_check, launch
 from .id_check import _local as _id_local
 from .launch import CachedKernel, PlanCache, aligned, current_stream, hooks_installed, int_class
@@ -143,8 +142,7 @@ _autotuned_forward = None if INTERPRETED else \
 
 _FORWARD = CachedKernel(input_embedding_fwd_kernel)
 _AUTOTUNED_FORWARD = None if _autotuned_forward is None else CachedKernel(_autotuned_forward)
-_SEGMENT_BOUNDS = CachedKernel(segment_bounds_kernel)
-_CHUNK_SUMS = CachedKernel(segment_chunk_sums_kernel)
+_SEGMENTS = CachedKernel(segment_bounds_and_chunks_kernel)
 _GRAD_ROWS = CachedKernel(embedding_grad_rows_kernel)
 _GRAD_SCATTER = CachedKernel(embedding_grad_scatter_kernel)
 _DROPOUT_MASK = CachedKernel(apply_dropout_mask_kernel)
@@ -509,9 +507,8 @@ class _GradLayout(NamedTuple):
     int32_keys: bool
     acc_dtype: torch.dtype
     n_chunks: int
-    bounds: Optional[tuple]   # (grid, constexprs) of each launch, None when it is skipped
-    chunks: Optional[tuple]
-    rows: tuple               # the row kernel's, or with scatter the scatter kernel's
+    segments: Optional[tuple]  # (grid, constexprs) of the bounds and chunk sums' launch, None: nothing to do
+    rows: tuple                # the row kernel's, or with scatter the scatter kernel's
     scatter: bool             # zero-fill, then embedding_grad_scatter_kernel
 
 
@@ -561,13 +558,17 @@ def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, ha
         n_chunks = 0
     common = dict(IMPLICIT_POSITIONS=implicit, ACC_FP64=acc_dtype == torch.float64, CHUNK=GRAD_CHUNK,
                   HAS_DROPOUT=has_dropout)
-    bounds = None if implicit else \
-        ((triton.cdiv(num_rows + 1, SEARCH_BLOCK),), dict(BLOCK=SEARCH_BLOCK, num_warps=4, **NO_FMA))
-    chunks = None
-    if n_chunks > 0:
+    # One launch for the segment bounds (explicit keys: default positions' are known in closed form)
+    # and the chunk sums: the search's programs first, then one per chunk (and block of columns).
+    has_bounds, has_chunks = not implicit, n_chunks > 0
+    segments = None
+    if has_bounds or has_chunks:
         chunk_block_d = _block_d(dim, 256)
-        chunks = ((n_chunks, triton.cdiv(dim, chunk_block_d)),
-                  dict(BLOCK_D=chunk_block_d, ALIGNED4=_aligned4(dim, chunk_block_d), num_warps=4, **common, **NO_FMA))
+        grid = ((triton.cdiv(num_rows + 1, SEARCH_BLOCK) if has_bounds else 0) + n_chunks,
+                triton.cdiv(dim, chunk_block_d) if has_chunks else 1)
+        segments = (grid, dict(HAS_BOUNDS=has_bounds, HAS_CHUNKS=has_chunks, SEARCH_BLOCK=SEARCH_BLOCK,
+                               BLOCK_D=chunk_block_d, ALIGNED4=_aligned4(dim, chunk_block_d), num_warps=4, **common,
+                               **NO_FMA))
     block_d = _block_d(dim, 256)
     # Triton vectorises only what it can prove aligned, i.e. when the integer D is divisible by 16.
     # Otherwise every element is read with its own 64-bit address: half the tile keeps those in
@@ -587,17 +588,17 @@ def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, ha
             LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program, BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d),
             num_warps=4, **common, **NO_FMA))
     # 32-bit keys halve the radix sort's passes.
-    return _GradLayout(num_rows <= torch.iinfo(torch.int32).max, acc_dtype, n_chunks, bounds, chunks, rows, scatter)
+    return _GradLayout(num_rows <= torch.iinfo(torch.int32).max, acc_dtype, n_chunks, segments, rows, scatter)
 
 
 class _GradPlans:
     """The layout of one backward key and the binaries of its launches."""
 
-    __slots__ = ("layout", "bounds", "chunks", "rows")
+    __slots__ = ("layout", "segments", "rows")
 
     def __init__(self, layout):
         self.layout = layout
-        self.bounds = self.chunks = self.rows = None
+        self.segments = self.rows = None
 
 
 _grad_plans = PlanCache()
@@ -663,11 +664,10 @@ def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_b
             flat_keys = keys.reshape(-1)
             sorted_keys, order = _sort(flat_keys.to(torch.int32) if layout.int32_keys else flat_keys, stable=True)
             bounds = torch.empty(num_rows + 1, dtype=torch.int64, device=grad_out.device)
-            launch("bounds", _SEGMENT_BOUNDS, (bounds, sorted_keys, n_entries, num_rows))
         chunk_sums = torch.empty((max(layout.n_chunks, 1), dim), dtype=layout.acc_dtype, device=grad_out.device)
-        if layout.n_chunks > 0:
-            launch("chunks", _CHUNK_SUMS, (chunk_sums, grad_out, *strides, sorted_keys, order, n_entries, dim, batch,
-                                           seq_len, past_length, *dropout))
+        if layout.segments is not None:
+            launch("segments", _SEGMENTS, (bounds, chunk_sums, grad_out, *strides, sorted_keys, order, n_entries,
+                                           num_rows, dim, batch, seq_len, past_length, *dropout))
     finally:
         if join_fill is not None:
             join_fill()
