@@ -164,7 +164,8 @@ def segment_bounds_and_chunks_kernel(
     col_block = tl.program_id(1)
     chunk = program
     if HAS_BOUNDS:
-        search_programs = (num_rows + SEARCH_BLOCK) // SEARCH_BLOCK
+        # cdiv(num_rows + 1, SEARCH_BLOCK) without the + 1: num_rows may be an int32 near its limit.
+        search_programs = num_rows // SEARCH_BLOCK + 1
         chunk = program - search_programs
         if program < search_programs:
             if col_block == 0:
@@ -311,7 +312,7 @@ def embedding_grad_rows_kernel(
                        dropout_seed_ptr, dropout_scale_ptr, dropout_threshold, IMPLICIT_POSITIONS, BLOCK_D,
                        HAS_DROPOUT, ALIGNED4)
     # A longer segment is summed by its row alone, LONG_TILE entries per load: its entries before
-    # the first whole chunk (head), the chunk kernel's partial sums of the whole chunks it covers,
+    # the first whole chunk (head), the chunk sums' partials of the whole chunks it covers,
     # its entries after the last whole chunk (tail). Fixed order, so the result is deterministic,
     # and about 2*CHUNK/LONG_TILE + n/(CHUNK*LONG_TILE) dependent steps for n entries, whatever the
     # id distribution.

@@ -245,6 +245,26 @@ def test_one_launch_finds_every_bound_and_sums_every_single_key_chunk(num_rows):
     torch.testing.assert_close(grad_table, expected)
 
 
+@pytest.mark.parametrize("num_rows", [2**31 - 1025, 2**31 - 1024, 2**31 - 1])
+def test_the_search_covers_tables_near_the_int32_limit(num_rows):
+    # Triton passes num_rows below 2^31 as an int32: the launch's count of search programs must not
+    # overflow there (it once did, and no program searched). Only the first search block is
+    # launched: the whole grid, and a bounds buffer of 2^31 entries, are beyond a test's memory.
+    layout = triton_ops._grad_layout(1, 4, 1, num_rows, False, False, False, False, torch.float32)
+    (search_programs, columns), constexprs = layout.segments
+    assert search_programs == triton.cdiv(num_rows + 1, triton_ops.SEARCH_BLOCK) and columns == 1
+    sorted_keys = torch.tensor([0, 1, 1, 3], dtype=torch.int32, device=TRITON_DEVICE)
+    bounds = torch.full((triton_ops.SEARCH_BLOCK,), -7, dtype=torch.int64, device=TRITON_DEVICE)
+    grad_out = torch.zeros(1, 4, 1, device=TRITON_DEVICE)
+    chunk_sums = torch.zeros(1, 1, device=TRITON_DEVICE)
+    order = torch.arange(4, device=TRITON_DEVICE)
+    triton_ops._traced_launch(triton_ops._SEGMENTS, (1, 1),
+                              (bounds, chunk_sums, grad_out, 4, 1, 1, sorted_keys, order, 4, num_rows, 1, 1, 4, 0,
+                               *triton_ops._dropout_args(0.0, None, None, grad_out)), constexprs)
+    rows = torch.arange(triton_ops.SEARCH_BLOCK, device=TRITON_DEVICE)
+    assert torch.equal(bounds, torch.searchsorted(sorted_keys.long(), rows))
+
+
 @pytest.mark.parametrize("failing_slot", ["segments", "rows", None])
 def test_the_side_fill_is_joined_once_even_when_a_launch_fails(failing_slot, monkeypatch):
     # The side-stream fork and join (CUDA only) replaced by a recorder, so the body's bookkeeping

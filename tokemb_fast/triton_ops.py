@@ -553,8 +553,8 @@ def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, ha
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     n_chunks = n_entries // GRAD_CHUNK
     if implicit and batch < GRAD_CHUNK:
-        # Default positions' segments are B entries long, so none covers a whole chunk: the
-        # chunk kernel would find nothing to sum. Skip its launch (the row kernel reads no partial).
+        # Default positions' segments are B entries long, so none covers a whole chunk: the chunk
+        # sums would find nothing to sum, and their launch is skipped (the row kernel reads no partial).
         n_chunks = 0
     common = dict(IMPLICIT_POSITIONS=implicit, ACC_FP64=acc_dtype == torch.float64, CHUNK=GRAD_CHUNK,
                   HAS_DROPOUT=has_dropout)
@@ -619,9 +619,9 @@ _fill_streams: dict = {}
 def _fill_beside(grad_table: torch.Tensor):
     """Zero-fill grad_table on a side stream, forked from the current one; returns the join.
 
-    The scatter backward's fill is pure write bandwidth (the V x D table), while the sort, bounds
-    and chunk kernels that precede the scatter are latency-bound on a few thousand keys: on one
-    stream they run one after the other, on two they can share the GPU. The table is allocated on
+    The scatter backward's fill is pure write bandwidth (the V x D table), while the sort and the
+    bounds and chunk sums' launch that precede the scatter are latency-bound on a few thousand
+    keys: on one stream they run one after the other, on two they can share the GPU. The table is allocated on
     the current stream, and that stream waits for the fill before its first use (the scatter), so
     every later use and the table's release are ordered after the fill (no record_stream needed).
     Fork and join are event waits, which CUDA graph capture records as graph edges. One side
