@@ -155,9 +155,9 @@ def segment_bounds_and_chunks_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # The two preparations of the row kernel's inputs read only the sorted keys and order and do
-    # not depend on each other, so they share one launch (one fewer kernel per table: host time
-    # per call, and the latency-bound search overlaps the chunk sums on the GPU). The first
+    # The two preparations of the row kernel's inputs need the sort but not each other's results,
+    # so they share one launch (one fewer kernel per table: host time per call, and the
+    # latency-bound search overlaps the chunk sums on the GPU). The first
     # cdiv(num_rows + 1, SEARCH_BLOCK) programs of the first grid column search a block of rows
     # each; the programs after them sum one chunk's columns each.
     program = tl.program_id(0).to(tl.int64)

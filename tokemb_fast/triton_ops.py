@@ -509,7 +509,7 @@ class _GradLayout(NamedTuple):
     n_chunks: int
     segments: Optional[tuple]  # (grid, constexprs) of the bounds and chunk sums' launch, None: nothing to do
     rows: tuple                # the row kernel's, or with scatter the scatter kernel's
-    scatter: bool             # zero-fill, then embedding_grad_scatter_kernel
+    scatter: bool              # zero-fill, then embedding_grad_scatter_kernel
 
 
 class grad_kernel:
@@ -621,9 +621,10 @@ def _fill_beside(grad_table: torch.Tensor):
 
     The scatter backward's fill is pure write bandwidth (the V x D table), while the sort and the
     bounds and chunk sums' launch that precede the scatter are latency-bound on a few thousand
-    keys: on one stream they run one after the other, on two they can share the GPU. The table is allocated on
-    the current stream, and that stream waits for the fill before its first use (the scatter), so
-    every later use and the table's release are ordered after the fill (no record_stream needed).
+    keys: on one stream they run one after the other, on two they can share the GPU. The table is
+    allocated on the current stream, and that stream waits for the fill before its first use (the
+    scatter), so every later use and the table's release are ordered after the fill (no
+    record_stream needed).
     Fork and join are event waits, which CUDA graph capture records as graph edges. One side
     stream per current stream, not per device: a thread's fill then never waits on another
     thread's work, nor lands in a graph another thread is capturing."""
