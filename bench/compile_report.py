@@ -169,6 +169,7 @@ class CaseReport:
     dim: int = 0
     outputs: int = 0  # B*T*D
     explicit_positions: bool = False  # position_ids given (else the default arange positions)
+    int32_ids: bool = False           # int32 token ids (sorted as they are: no sort-key launch)
     sparse: bool = False              # sparse token gradient
     encoder: bool = False             # the encoder op (kernels/encoder.py)
     launches: List[dict] = field(default_factory=list)
@@ -405,7 +406,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for label, shape, dtype, options in cases(args.quick):
         report = CaseReport(label, batch=shape.batch, dim=shape.dim, outputs=shape.batch * shape.seq_len * shape.dim,
-                            explicit_positions=_explicit_positions(shape, options),
+                            explicit_positions=_explicit_positions(shape, options)
+                            or options.get("pad_position_id", -1) >= 0,  # RoBERTa's: computed, then sorted
+                            int32_ids=options.get("int32", False),
                             sparse=options.get("sparse", False), encoder=options.get("encoder", False))
         try:
             launches = run_case(shape, dtype, options, fake)

@@ -7,12 +7,12 @@ Why not atomic_add: float atomics make the summation order depend on scheduling,
 gradient changes in its last bits from run to run; they also need an fp32 scratch table for
 bf16/fp16 (no native half-precision atomics at this width) and a zero-fill pass first.
 
-Instead the caller sorts the keys once (a stable device sort, no host sync), so the entries of
-each table row form one contiguous *segment* of the sorted order. segment_bounds_and_chunks_kernel
-finds where each row's segment starts (one binary search per row, all in parallel). Each program of
-embedding_grad_rows_kernel then owns a tile of table rows, sums the grad rows of each segment in
-a fixed order in fp32 registers, and writes every table row exactly once (untouched rows get
-zeros).
+Instead the caller sorts the keys once (a stable device sort, no host sync; int64 ids as the
+32-bit keys of sort_keys_kernel where the table allows), so the entries of each table row form one
+contiguous *segment* of the sorted order. segment_bounds_and_chunks_kernel finds where each row's
+segment starts (one binary search per row, all in parallel). Each program of
+embedding_grad_rows_kernel then owns a tile of table rows, sums the grad rows of each segment in a
+fixed order in fp32 registers, and writes every table row exactly once (untouched rows get zeros).
 
 One very frequent key (all ids equal, or Zipf's head) must not serialise a whole batch in one
 program. So the sorted order is also cut into CHUNK-sized pieces, and the same launch sums each
@@ -64,6 +64,27 @@ def _load_grad(grad_out_ptr, b, step, col_start, mask, stride_grad_b, stride_gra
             grad = grad.to(tl.float32)
         grad = tl.where(keep, grad * tl.load(dropout_scale_ptr).to(grad.dtype), 0.0)
     return grad
+
+
+@triton.jit
+def sort_keys_kernel(
+    sort_keys_ptr,               # [B * T] int32, contiguous: what the backward sorts
+    keys_ptr, stride_keys_b, stride_keys_t,  # [B, T] int64 ids (or position ids), any strides
+    n_entries, seq_len, num_rows,
+    BLOCK: tl.constexpr,
+):
+    # The radix sort takes half the passes on 32-bit keys, but a plain cast would wrap an unchecked
+    # bad id (check_ids=False: 2^32 + 3 becomes 3) onto a real row, which would then receive its
+    # gradient. Clamped to -1 or num_rows first, every bad id stays outside 0 .. num_rows - 1, where
+    # no row's segment looks. Reading [B, T] with its strides also spares the flattening copy of
+    # expanded position ids.
+    entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = entries < n_entries
+    b = entries // seq_len
+    step = entries - b * seq_len
+    key = tl.load(keys_ptr + b * stride_keys_b + step * stride_keys_t, mask=live, other=0).to(tl.int64)
+    key = tl.minimum(tl.maximum(key, -1), num_rows)
+    tl.store(sort_keys_ptr + entries, key.to(tl.int32), mask=live)
 
 
 @triton.jit

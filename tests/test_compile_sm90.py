@@ -95,9 +95,10 @@ def test_launches_per_forward_and_backward(report):
         kernels = [launch["kernel"] for launch in case["launches"]]
         if case["encoder"]:
             # One forward; the backward: one LayerNorm kernel, then the table-gradient kernels of the
-            # word, position (RoBERTa's positions: explicit keys) and token-type tables.
-            token = ["segment_bounds_and_chunks_kernel", "embedding_grad_rows_kernel"]
-            position = token
+            # word, position and token-type tables: int64 ids, each cast to 32-bit sort keys first;
+            # default positions (not RoBERTa's, which are computed keys) as for the decoder op below.
+            token = ["sort_keys_kernel", "segment_bounds_and_chunks_kernel", "embedding_grad_rows_kernel"]
+            position = token if case["explicit_positions"] else token[1:] if case["batch"] >= 32 else token[2:]
             assert kernels == ["encoder_embedding_fwd_kernel", "encoder_embedding_bwd_kernel", *token, *position,
                                *token], case
             continue
@@ -106,10 +107,14 @@ def test_launches_per_forward_and_backward(report):
             # Token grad: the masked upstream rows (the sparse values); position grad: the dense kernels.
             assert kernels[1:] == ["apply_dropout_mask_kernel", "embedding_grad_rows_kernel"], case
             continue
-        token = ["segment_bounds_and_chunks_kernel", "embedding_grad_rows_kernel"]
-        # Default positions need no search (their sorted order is known), nor, with B < 32, chunk
-        # partials (their B-entry segments never cover a whole chunk): then no segments launch at all.
-        position = token if case["explicit_positions"] or case["batch"] >= 32 else token[1:]
+        # int64 ids: their 32-bit sort keys (int32 ids are sorted as they are), then the bounds and
+        # chunk sums, then the rows. Position ids given are int64 in every case.
+        position = ["sort_keys_kernel", "segment_bounds_and_chunks_kernel", "embedding_grad_rows_kernel"]
+        token = position[1:] if case["int32_ids"] else position
+        # Default positions need no sort nor search (their sorted order is known), nor, with B < 32,
+        # chunk partials (their B-entry segments never cover a whole chunk): then no segments launch.
+        if not case["explicit_positions"]:
+            position = position[1:] if case["batch"] >= 32 else position[2:]
         assert kernels[1:] == token + position, case
         for launch in case["launches"]:
             assert all(size >= 1 for size in launch["grid"])
@@ -143,17 +148,18 @@ def test_compile_traces_into_the_gpu_ops_fullgraph(traced):
     # The GPU path's triton_ops under Dynamo + AOT autograd (what Inductor starts from): each is
     # decomposed into its kernels as graph nodes, nothing opaque is left, and one forward and one
     # backward graph serve every call of a case (a new seq_len under dynamic=True included).
-    segments, rows = "triton:segment_bounds_and_chunks_kernel", "triton:embedding_grad_rows_kernel"
-    # Per table: sort and segments (bounds and chunk sums: one launch) for explicit keys, then rows;
-    # default positions with B < 32 need neither sort nor segments. Every case here sorts once per
-    # segments launch.
+    keys, rows = "triton:sort_keys_kernel", "triton:embedding_grad_rows_kernel"
+    segments = "triton:segment_bounds_and_chunks_kernel"
+    # Per table: for explicit (int64) keys their 32-bit sort keys, the sort, and segments (bounds and
+    # chunk sums: one launch), then rows; default positions with B < 32 need neither sort nor
+    # segments. Every case here sorts once per segments launch.
     expected_backward = {
-        "dropout, padding_idx, scale_grad_by_freq": [segments, rows, rows],  # 15 ids, default positions
-        "position_ids [B, T]": [segments, rows, segments, rows],
-        "past_length, dynamic seq_len": [segments, rows, rows],
-        "autotuned forward": [segments, rows, rows],  # 1024 ids; B = 1 < 32: no position chunks
-        "swapped GPTModel": [segments, rows, rows],
-        "swapped GPT2LMHeadModel": [segments, rows, segments, rows],  # HF passes [1, T] positions
+        "dropout, padding_idx, scale_grad_by_freq": [keys, segments, rows, rows],  # 15 ids, default positions
+        "position_ids [B, T]": [keys, segments, rows, keys, segments, rows],
+        "past_length, dynamic seq_len": [keys, segments, rows, rows],
+        "autotuned forward": [keys, segments, rows, rows],  # 1024 ids; B = 1 < 32: no position chunks
+        "swapped GPTModel": [keys, segments, rows, rows],
+        "swapped GPT2LMHeadModel": [keys, segments, rows, keys, segments, rows],  # HF passes [1, T] positions
     }
     if importlib.util.find_spec("transformers") is None:  # the optional [hf] extra
         del expected_backward["swapped GPT2LMHeadModel"]

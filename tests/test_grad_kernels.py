@@ -215,6 +215,57 @@ def test_unchecked_bad_ids_touch_no_memory_around_the_gradient_table(kernel, mon
     torch.testing.assert_close(grad_token, expected)
 
 
+# Ids an int32 cast would wrap onto real rows: 2^32 + 3 -> 3, 2^31 + 4 -> -2^31 + 4, -2^32 + 6 -> 6, ...
+BEYOND_INT32 = [2**32 + 3, 2**31 + 4, -2**32 + 6, 2**31, -2**31 - 1, 2**63 - 1, -2**63, 2**33 + 1]
+
+
+@pytest.mark.parametrize("kernel", triton_ops.GRAD_KERNELS)
+@pytest.mark.parametrize("positions", ["default", "[T]", "[B, T] strided"])
+def test_unchecked_ids_beyond_int32_add_nothing_to_any_row(kernel, positions):
+    # The sort takes 32-bit keys; int64 ids are clamped to -1 or num_rows on the way (sort_keys_kernel),
+    # so an unchecked bad id stays bad instead of wrapping onto a row that would receive its gradient.
+    # Position ids too, read through their strides: [T] is expanded over the batch (stride 0).
+    vocab_size, num_positions, dim = 10, 8, 8
+    token_weight, position_weight = random_tables(vocab_size, num_positions, dim, torch.float64, TRITON_DEVICE)
+    ids = torch.tensor([[1, 2**32 + 3, 3, 2**31 + 4], [-2**32 + 6, 6, 2**63 - 1, 9]], device=TRITON_DEVICE)
+    options = {}
+    if positions == "[T]":
+        options["position_ids"] = torch.tensor([2**32 + 1, 1, 2, -2**32 + 7], device=TRITON_DEVICE)
+    elif positions == "[B, T] strided":
+        wide = torch.tensor([[0, 9, 2**32 + 2, 9, 1, 9, 2**31 + 3, 9],
+                             [2**32 + 5, 9, 5, 9, -2**31 - 1, 9, 7, 9]], device=TRITON_DEVICE)
+        options["position_ids"] = wide[:, ::2]
+    grad_out = torch.randn(2, 4, dim, dtype=torch.float64, device=TRITON_DEVICE)
+    with triton_ops.grad_kernel(kernel):
+        out = fused_input_embedding(ids, token_weight, position_weight, backend="triton", check_ids=False,
+                                    **options)
+        grad_token, grad_position = torch.autograd.grad(out, (token_weight, position_weight), grad_out)
+    good = (ids >= 0) & (ids < vocab_size)
+    expected = torch.zeros(vocab_size, dim, dtype=torch.float64, device=TRITON_DEVICE)
+    assert torch.equal(grad_token, expected.index_add_(0, ids[good], grad_out[good]))
+    position_ids = options.get("position_ids", torch.arange(4, device=TRITON_DEVICE)).expand(2, 4)
+    good = (position_ids >= 0) & (position_ids < num_positions)
+    expected = torch.zeros(num_positions, dim, dtype=torch.float64, device=TRITON_DEVICE)
+    torch.testing.assert_close(grad_position, expected.index_add_(0, position_ids[good], grad_out[good]))
+
+
+def test_the_sort_keys_clamp_every_id_and_keep_int32_ones():
+    # The cast on its own: every entry written, in (b, t) order, clamped to [-1, num_rows].
+    num_rows = 50
+    ids = torch.tensor(BEYOND_INT32 + [0, 49, 50, -1, 2**31 - 1, -2**31], device=TRITON_DEVICE)
+    keys = ids.reshape(2, 7).t()  # [7, 2], strides (1, 7): read through its strides
+    layout = triton_ops._grad_layout(7, 2, 1, num_rows, False, False, False, False, torch.float32)
+    sort_input = torch.full((14,), -12345, dtype=torch.int32, device=TRITON_DEVICE)
+    triton_ops._traced_launch(triton_ops._SORT_KEYS, layout.sort_keys[0],
+                              (sort_input, keys, keys.stride(0), keys.stride(1), 14, 2, num_rows),
+                              layout.sort_keys[1])
+    assert torch.equal(sort_input.long(), keys.reshape(-1).clamp(-1, num_rows))
+    # int32 ids cannot wrap: sorted as they are, no cast launched; default positions have no keys.
+    assert triton_ops._grad_layout(7, 2, 1, num_rows, False, False, False, False, torch.float32,
+                                   int64_keys=False).sort_keys is None
+    assert triton_ops._grad_layout(7, 2, 1, num_rows, True, False, False, False, torch.float32).sort_keys is None
+
+
 @pytest.mark.parametrize("num_rows", [1, 1023, 1024, 2500])
 def test_one_launch_finds_every_bound_and_sums_every_single_key_chunk(num_rows):
     # The bounds' search programs come first in the launch's grid, the chunks' after them: with one
@@ -232,6 +283,7 @@ def test_one_launch_finds_every_bound_and_sums_every_single_key_chunk(num_rows):
 
     grad_table = triton_ops._dense_grad(grad_out, ids, num_rows, 0, -1, False, 1, 0.0, None, None, None, layout,
                                         launch)
+    assert set(launched) == {"sort_keys", "segments", "rows"}
     bounds, chunk_sums, sorted_keys, order = (launched["segments"][i] for i in (0, 1, 6, 7))
     assert layout.segments[0][0] == triton.cdiv(num_rows + 1, triton_ops.SEARCH_BLOCK) + 256 // chunk
     rows = torch.arange(num_rows + 1, device=TRITON_DEVICE)
@@ -265,7 +317,7 @@ def test_the_search_covers_tables_near_the_int32_limit(num_rows):
     assert torch.equal(bounds, torch.searchsorted(sorted_keys.long(), rows))
 
 
-@pytest.mark.parametrize("failing_slot", ["segments", "rows", None])
+@pytest.mark.parametrize("failing_slot", ["sort_keys", "segments", "rows", None])
 def test_the_side_fill_is_joined_once_even_when_a_launch_fails(failing_slot, monkeypatch):
     # The side-stream fork and join (CUDA only) replaced by a recorder, so the body's bookkeeping
     # runs here: one join per fork, before the scatter launch when it is reached, and still one when
@@ -292,7 +344,7 @@ def test_the_side_fill_is_joined_once_even_when_a_launch_fails(failing_slot, mon
                                           launch, side_stream_fill=True)
     if failing_slot is None:
         grad_table = call()
-        assert events == ["fork", "segments", "join", "rows"]
+        assert events == ["fork", "sort_keys", "segments", "join", "rows"]
         expected = torch.zeros(300, 16, device=TRITON_DEVICE).index_add_(0, ids.reshape(-1), grad_out.reshape(-1, 16))
         torch.testing.assert_close(grad_table, expected)
     else:

@@ -87,7 +87,8 @@ def test_plain_eager_calls_run_the_launchers_directly_and_match_the_ops(monkeypa
     assert torch.equal(direct[0], through_op[0]) and torch.equal(direct[1], through_op[1])
     assert wrapped == []
     assert [name for name, _ in kernel_launches] == [name for name, _ in direct_launches]
-    assert [name for name, _ in direct_launches][:2] == ["input_embedding_fwd_kernel", "segment_bounds_and_chunks_kernel"]
+    assert [name for name, _ in direct_launches][:3] == ["input_embedding_fwd_kernel", "sort_keys_kernel",
+                                                         "segment_bounds_and_chunks_kernel"]
 
 
 def test_plain_training_takes_the_direct_path_and_records_no_double_backward_graph(kernel_launches, monkeypatch):

@@ -29,7 +29,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from triton.runtime.driver import driver
 
 from .kernels import (apply_dropout_mask_kernel, embedding_grad_rows_kernel, embedding_grad_scatter_kernel,
-                      input_embedding_fwd_kernel, segment_bounds_and_chunks_kernel)
+                      input_embedding_fwd_kernel, segment_bounds_and_chunks_kernel, sort_keys_kernel)
 from . import id_check, launch
 from .id_check import _local as _id_local
 from .launch import CachedKernel, PlanCache, aligned, current_stream, hooks_installed, int_class
@@ -98,6 +98,7 @@ if GRAD_KERNEL not in GRAD_KERNELS:
 # memory busy, few enough for registers.
 TILE = 4096
 SEARCH_BLOCK = 1024
+SORT_KEYS_BLOCK = 1024
 # Every launch asks for no FMA contraction: a product and a sum round apart (the token scale's),
 # as PyTorch and Triton's interpreter round them, so the tests' results are the GPU's. (Saying so
 # also keeps Triton >= 3.9 from warning that its default will change.)
@@ -142,6 +143,7 @@ _autotuned_forward = None if INTERPRETED else \
 
 _FORWARD = CachedKernel(input_embedding_fwd_kernel)
 _AUTOTUNED_FORWARD = None if _autotuned_forward is None else CachedKernel(_autotuned_forward)
+_SORT_KEYS = CachedKernel(sort_keys_kernel)
 _SEGMENTS = CachedKernel(segment_bounds_and_chunks_kernel)
 _GRAD_ROWS = CachedKernel(embedding_grad_rows_kernel)
 _GRAD_SCATTER = CachedKernel(embedding_grad_scatter_kernel)
@@ -504,7 +506,7 @@ torch._decomp.register_decomposition(torch.ops.tokemb_fast.input_embedding.defau
 # --- backward -----------------------------------------------------------------------------------
 
 class _GradLayout(NamedTuple):
-    int32_keys: bool
+    sort_keys: Optional[tuple]  # (grid, constexprs) of int64 keys' cast to 32 bits, None: sorted as given
     acc_dtype: torch.dtype
     n_chunks: int
     segments: Optional[tuple]  # (grid, constexprs) of the bounds and chunk sums' launch, None: nothing to do
@@ -548,8 +550,12 @@ class grad_kernel:
 
 
 def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, has_dropout, has_grad_scale,
-                 dtype, variant: str = "rows") -> _GradLayout:
+                 dtype, variant: str = "rows", int64_keys: bool = True) -> _GradLayout:
     n_entries = batch * seq_len
+    # 32-bit keys halve the radix sort's passes; int32 keys are sorted as they are.
+    sort_keys = None
+    if not implicit and int64_keys and num_rows <= torch.iinfo(torch.int32).max and n_entries > 0:
+        sort_keys = ((triton.cdiv(n_entries, SORT_KEYS_BLOCK),), dict(BLOCK=SORT_KEYS_BLOCK, num_warps=4, **NO_FMA))
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     n_chunks = n_entries // GRAD_CHUNK
     if implicit and batch < GRAD_CHUNK:
@@ -587,18 +593,17 @@ def _grad_layout(batch, seq_len, dim, num_rows, implicit, scale_grad_by_freq, ha
             SCALE_BY_FREQ=scale_grad_by_freq, HAS_GRAD_SCALE=has_grad_scale, SHORT=GRAD_SHORT,
             LONG_TILE=GRAD_LONG_TILE, ROWS=rows_per_program, BLOCK_D=block_d, ALIGNED4=_aligned4(dim, block_d),
             num_warps=4, **common, **NO_FMA))
-    # 32-bit keys halve the radix sort's passes.
-    return _GradLayout(num_rows <= torch.iinfo(torch.int32).max, acc_dtype, n_chunks, segments, rows, scatter)
+    return _GradLayout(sort_keys, acc_dtype, n_chunks, segments, rows, scatter)
 
 
 class _GradPlans:
     """The layout of one backward key and the binaries of its launches."""
 
-    __slots__ = ("layout", "segments", "rows")
+    __slots__ = ("layout", "sort_keys", "segments", "rows")
 
     def __init__(self, layout):
         self.layout = layout
-        self.segments = self.rows = None
+        self.sort_keys = self.segments = self.rows = None
 
 
 _grad_plans = PlanCache()
@@ -661,9 +666,14 @@ def _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_b
             # Never read: the sorted order of default positions is computed in the kernel.
             sorted_keys = order = bounds = grad_table
         else:
+            if layout.sort_keys is not None:
+                sort_input = torch.empty(n_entries, dtype=torch.int32, device=grad_out.device)
+                launch("sort_keys", _SORT_KEYS, (sort_input, keys, keys.stride(0), keys.stride(1), n_entries, seq_len,
+                                                 num_rows))
+            else:
+                sort_input = keys.reshape(-1)
             # Stable, so equal keys keep (b, t) order and the summation order is reproducible.
-            flat_keys = keys.reshape(-1)
-            sorted_keys, order = _sort(flat_keys.to(torch.int32) if layout.int32_keys else flat_keys, stable=True)
+            sorted_keys, order = _sort(sort_input, stable=True)
             bounds = torch.empty(num_rows + 1, dtype=torch.int64, device=grad_out.device)
         chunk_sums = torch.empty((max(layout.n_chunks, 1), dim), dtype=layout.acc_dtype, device=grad_out.device)
         if layout.segments is not None:
@@ -691,14 +701,15 @@ def _dense_grad_planned(grad_out, keys, num_rows, past_length, padding_idx, scal
     # With shapes, strides and dtypes fixed, every integer argument but past_length is too; the
     # buffers are fresh allocations except grad_out (alignment) and keys (sorted into fresh ones).
     key = (device, grad_out.shape, grad_out.stride(), grad_out.dtype, aligned(grad_out), num_rows,
-           int_class(past_length), padding_idx, scale_grad_by_freq, count_divisor, keys is None,
+           int_class(past_length), padding_idx, scale_grad_by_freq, count_divisor,
+           None if keys is None else (keys.dtype, keys.stride(), aligned(keys)),
            None if dropout_seed is None else dropout_p, grad_scale is None, GRAD_KERNEL)
     plans = _grad_plans.get(key)
     if plans is None:
         batch, seq_len, dim = grad_out.shape
-        plans = _grad_plans.add(key, _GradPlans(_grad_layout(batch, seq_len, dim, num_rows, keys is None,
-                                                             scale_grad_by_freq, dropout_seed is not None,
-                                                             grad_scale is not None, grad_out.dtype, GRAD_KERNEL)))
+        plans = _grad_plans.add(key, _GradPlans(_grad_layout(
+            batch, seq_len, dim, num_rows, keys is None, scale_grad_by_freq, dropout_seed is not None,
+            grad_scale is not None, grad_out.dtype, GRAD_KERNEL, keys is not None and keys.dtype == torch.int64)))
     return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
                        dropout_p, dropout_seed, dropout_scale, grad_scale, plans.layout,
                        lambda slot, kernel, args: _planned_launch(plans, slot, kernel, stream, args),
@@ -732,7 +743,8 @@ def embedding_dense_grad(
                                    count_divisor, dropout_p, dropout_seed, dropout_scale, grad_scale)
     batch, seq_len, dim = grad_out.shape
     layout = _grad_layout(batch, seq_len, dim, num_rows, keys is None, scale_grad_by_freq, dropout_seed is not None,
-                          grad_scale is not None, grad_out.dtype, GRAD_KERNEL)
+                          grad_scale is not None, grad_out.dtype, GRAD_KERNEL,
+                          keys is not None and keys.dtype == torch.int64)
     return _dense_grad(grad_out, keys, num_rows, past_length, padding_idx, scale_grad_by_freq, count_divisor,
                        dropout_p, dropout_seed, dropout_scale, grad_scale, layout,
                        lambda slot, kernel, args: _traced_launch(kernel, getattr(layout, slot)[0], args,
