@@ -91,6 +91,82 @@ def test_replaced_token_weight_and_tying_are_honoured(backend):
     assert new_weight.grad is not None
 
 
+def embedding_parts(model):
+    """(the module holding them, the names of its token table, position table and dropout)."""
+    if isinstance(model, KARPATHY):
+        return model.transformer, ("wte", "wpe", "drop")
+    return model, ("tok_emb", "pos_emb", "drop_emb")
+
+
+class ScaledEmbedding(nn.Embedding):
+    def forward(self, input):
+        return super().forward(input) * 0.5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_modules_replaced_after_the_swap_are_used(backend, family, kernel_launches):
+    # A new table or dropout assigned after the swap (a loader, a resized vocabulary, dropout off for
+    # fine-tuning) is the model's: plain ones are fused in turn, others run as the original runs them.
+    original, swapped = pair(family)
+    ids = torch.randint(0, 61, (2, 8), device=DEVICE)
+    for replacement in ("plain", "subclass"):
+        for model in (original, swapped):
+            holder, (token, position, dropout) = embedding_parts(model)
+            torch.manual_seed(7)
+            kind = nn.Embedding if replacement == "plain" else ScaledEmbedding
+            setattr(holder, token, kind(61, 32, device=DEVICE))
+            setattr(holder, position, nn.Embedding(getattr(holder, position).num_embeddings, 32, device=DEVICE))
+            setattr(holder, dropout, nn.Dropout(0.3))
+            model.eval()  # (the two would draw different dropout masks)
+        kernel_launches.clear()
+        expected, got = logits_of(original, ids), logits_of(swapped, ids)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        (got if isinstance(got, torch.Tensor) else got[0]).sum().backward()
+        holder, (token, position, dropout) = embedding_parts(swapped)
+        assert getattr(holder, token).weight.grad is not None and getattr(holder, position).weight.grad is not None
+        fused_launches = launches_of(kernel_launches, "input_embedding_fwd_kernel")
+        if replacement == "plain":
+            fused = swapped.__dict__["_tokemb_fast_fused"]
+            assert fused.tok_emb is getattr(holder, token) and fused.drop is getattr(holder, dropout)
+            assert fused_launches == (1 if backend == "triton" else 0)
+        else:
+            assert fused_launches == 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hooks_added_after_the_swap_run_as_in_the_original(backend, family, kernel_launches):
+    # A fused call never calls the tables' modules, so while one has hooks (a NEFTune-style noise
+    # hook, a feature probe, a backward hook) the lookup runs through the modules, as the original
+    # does; once they are removed it is fused again.
+    original, swapped = pair(family)
+    original.eval()
+    swapped.eval()
+    ids = torch.randint(0, 61, (2, 8), device=DEVICE)
+    calls = {id(original): [], id(swapped): []}
+    handles = []
+    for model in (original, swapped):
+        holder, (token, position, dropout) = embedding_parts(model)
+        record = calls[id(model)]
+        handles += [
+            getattr(holder, token).register_forward_hook(lambda m, i, o, record=record: record.append("token") or o * 2),
+            getattr(holder, position).register_forward_pre_hook(
+                lambda m, i, record=record: record.append("position") or None),
+            getattr(holder, dropout).register_full_backward_hook(
+                lambda m, gi, go, record=record: record.append("dropout backward") or None)]
+    kernel_launches.clear()
+    expected, got = logits_of(original, ids), logits_of(swapped, ids)
+    (expected if isinstance(expected, torch.Tensor) else expected[0]).sum().backward()
+    (got if isinstance(got, torch.Tensor) else got[0]).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert calls[id(swapped)] == calls[id(original)] == ["token", "position", "dropout backward"]
+    assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == 0
+    for handle in handles:
+        handle.remove()
+    kernel_launches.clear()
+    torch.testing.assert_close(logits_of(swapped, ids), logits_of(original, ids), rtol=1e-5, atol=1e-6)
+    assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
+
+
 @pytest.mark.parametrize("family", ["nanogpt", "mingpt"])
 def test_generation_gives_the_same_tokens(backend, family):
     original, swapped = pair(family)

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
-from conftest import TRITON_DEVICE  # noqa: E402
+from conftest import TRITON_DEVICE, launches_of  # noqa: E402
 from tokemb_fast import FusedEncoderEmbedding, supported_families, swap_input_embeddings  # noqa: E402
 
 DEVICE = TRITON_DEVICE
@@ -185,3 +185,38 @@ def test_float64_models_match_to_the_last_bit_on_the_plain_path(backend, family)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     else:  # the kernels' LayerNorm: another reduction order, in fp64
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parts_replaced_or_hooked_after_the_swap_are_honoured(backend, family, kernel_launches):
+    # set_input_embeddings (a new vocabulary), a new LayerNorm: plain parts are fused in turn. A hook
+    # on a part: that call runs the module's own forward, so the hook sees what it would unswapped.
+    original, swapped = pair(family)
+    ids, mask = padded_batch()
+    dim = embeddings_of(original, family).word_embeddings.embedding_dim
+    for model in (original, swapped):
+        torch.manual_seed(5)
+        model.set_input_embeddings(torch.nn.Embedding(VOCAB, dim, padding_idx=PAD, device=DEVICE))
+        embeddings_of(model, family).LayerNorm = torch.nn.LayerNorm(dim, eps=1e-6, device=DEVICE)
+        torch.nn.init.normal_(embeddings_of(model, family).LayerNorm.weight)
+    kernel_launches.clear()
+    assert_matches(swapped(input_ids=ids, attention_mask=mask).logits,
+                   original(input_ids=ids, attention_mask=mask).logits, backend)
+    fused = embeddings_of(swapped, family).__dict__["_tokemb_fast_fused"]
+    assert fused.word_embeddings is swapped.get_input_embeddings()
+    assert fused.LayerNorm is embeddings_of(swapped, family).LayerNorm
+    assert launches_of(kernel_launches, "encoder_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
+    calls = {id(original): 0, id(swapped): 0}
+    handles = []
+    for model in (original, swapped):
+        def hook(module, inputs, out, model_id=id(model)):
+            calls[model_id] += 1
+            return out * 0.5
+        handles.append(model.get_input_embeddings().register_forward_hook(hook))
+    kernel_launches.clear()
+    assert_matches(swapped(input_ids=ids, attention_mask=mask).logits,
+                   original(input_ids=ids, attention_mask=mask).logits, backend)
+    assert calls[id(swapped)] == calls[id(original)] == 1
+    assert launches_of(kernel_launches, "encoder_embedding_fwd_kernel") == 0
+    for handle in handles:
+        handle.remove()

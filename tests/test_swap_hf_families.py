@@ -186,3 +186,40 @@ def test_a_refused_swap_leaves_the_model_bit_identical(family, monkeypatch):
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert not any("forward" in m.__dict__ or "_tokemb_fast_hf" in m.__dict__ for m in model.modules())
     assert torch.equal(model(input_ids=ids).logits, before_logits)
+
+
+def token_and_position_names(swapped):
+    """The swapped base model's token and position modules, by their names in the model."""
+    state = next(module.__dict__["_tokemb_fast_hf"] for module in swapped.modules()
+                 if "_tokemb_fast_hf" in module.__dict__)
+    names = {id(module): name for name, module in swapped.named_modules()}
+    return names[id(state.token)], names[id(state.position)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_added_after_the_swap_see_what_they_would_see_unswapped(backend, family, kernel_launches):
+    # The token module of a swapped call returns a zero placeholder and the position module the fused
+    # sum, so a hook added since (NEFTune-style scaling, a probe) would see and change the wrong
+    # tensors: while either has hooks, both run as the modules' own calls; without them, fused again.
+    original, swapped = pair(family)
+    token_name, position_name = token_and_position_names(swapped)
+    seen = {id(original): [], id(swapped): []}
+    handles = []
+    for model in (original, swapped):
+        record = seen[id(model)]
+        handles.append(model.get_submodule(token_name).register_forward_hook(
+            lambda m, i, o, record=record: record.append(tuple(o.shape)) or o * 2))
+        handles.append(model.get_submodule(position_name).register_forward_hook(
+            lambda m, i, o, record=record: record.append(float(o.detach().double().abs().sum())) or None))
+    ids, mask = left_padded()
+    kernel_launches.clear()
+    torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
+                               original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == 0
+    assert len(seen[id(swapped)]) == 2 and seen[id(swapped)][0] == seen[id(original)][0]
+    assert seen[id(swapped)][1] == pytest.approx(seen[id(original)][1], rel=1e-6)  # the position rows alone
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
+                               original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)

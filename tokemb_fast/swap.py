@@ -90,6 +90,29 @@ def _no_hooks(module, name) -> Optional[str]:
     return None
 
 
+def _hooked(module) -> bool:
+    """Whether a call of ``module`` runs hooks (forward, or backward ones, which hang on its call) that
+    a fused call, which never calls it, would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _bypassed(module) -> bool:
+    """_hooked, or a forward replaced on the instance: what a fused call would skip of a module the
+    swap did not patch itself."""
+    return _hooked(module) or "forward" in module.__dict__
+
+
+def _any_bypassed(*modules) -> bool:
+    """_bypassed for any of ``modules``; checked at every call, so spelt out (about 0.1 us a module)."""
+    for module in modules:
+        attributes = module.__dict__
+        if attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"] \
+                or attributes["_backward_pre_hooks"] or "forward" in attributes:
+            return True
+    return False
+
+
 def _signature_mismatch(model, expected) -> Optional[str]:
     if "forward" in model.__dict__:
         return "its forward was replaced on the instance"
@@ -125,6 +148,29 @@ def _fused(model) -> FusedInputEmbedding:
     return model.__dict__[_FUSED]
 
 
+def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0):
+    """A swapped decoder's embedding stage, given the model's modules as they are now.
+
+    Fused while they are the ones the swap wrapped and nothing hangs on their calls. Modules
+    replaced since (a new table, another Dropout) are wrapped in turn if they are still plain ones.
+    Otherwise (hooks added since, a replaced forward, another kind of module) the call runs the
+    original's own arithmetic through the modules themselves, so that hooks see what they would
+    have seen in the unswapped model."""
+    fused = model.__dict__[_FUSED]
+    wrapped = fused._modules
+    if wrapped["tok_emb"] is not tok_emb or wrapped["pos_emb"] is not pos_emb or wrapped["drop"] is not dropout \
+            or _any_bypassed(tok_emb, pos_emb, dropout):
+        if _first(lambda: _plain(tok_emb, nn.Embedding, "tok_emb"), lambda: _plain(pos_emb, nn.Embedding, "pos_emb"),
+                  lambda: _plain(dropout, nn.Dropout, "dropout"),
+                  lambda: "backward hooks" if _hooked(tok_emb) or _hooked(pos_emb) or _hooked(dropout) else None) \
+                is not None:
+            positions = torch.arange(past_length, past_length + input_ids.shape[-1], device=input_ids.device)
+            return dropout(tok_emb(input_ids) + pos_emb(positions))
+        fused = FusedInputEmbedding.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=fused.check_ids)
+        model.__dict__[_FUSED] = fused
+    return fused(input_ids, None, past_length)  # (positionally: keywords cost nn.Module's call ~0.3 us)
+
+
 def _install_forward(forward, tok_emb, pos_emb, dropout, bound=()):
     """An installer that replaces the instance's forward with ``forward`` (a module-level function,
     bound with the model and ``bound`` through functools.partial, so that torch.save(model) and
@@ -155,9 +201,14 @@ def _probe_ids(model, vocab_size, context_length, seq_len=4):
 # (rasbt/LLMs-from-scratch: ch04 GPTModel and GPTModelFast; ch04/03_kv-cache gpt_with_kv_cache.py
 # and gpt_with_kv_cache_optimized.py; the llms_from_scratch package's kv_cache/gpt2.py.)
 
+def _lfs_lookup(self, in_idx, past_length=0):
+    modules = self._modules
+    return _embed(self, modules["tok_emb"], modules["pos_emb"], modules["drop_emb"], in_idx, past_length)
+
+
 def _lfs_forward(self, in_idx):
     batch_size, seq_len = in_idx.shape
-    x = _fused(self)(in_idx)
+    x = _lfs_lookup(self, in_idx)
     x = self.trf_blocks(x)
     x = self.final_norm(x)
     return self.out_head(x)
@@ -177,7 +228,7 @@ def _lfs_cache_forward(self, position_attribute, overflow_error, in_idx, use_cac
                                  f"({position_attribute}={past_length}, {seq_len} new tokens) run past pos_emb's "
                                  f"{context_length} rows")
         setattr(self, position_attribute, past_length + seq_len)
-    x = _fused(self)(in_idx, past_length=int(past_length))
+    x = _lfs_lookup(self, in_idx, int(past_length))
     for block in self.trf_blocks:
         x = block(x, use_cache=use_cache)
     x = self.final_norm(x)
@@ -188,7 +239,7 @@ def _lfs_package_cache_forward(self, in_idx, use_cache=False, cache=None):
     # llms_from_scratch.kv_cache.gpt2: positions always start at current_pos, which moves only with
     # use_cache; blocks take (x, use_cache, start_pos, cache) and return (x, their cache).
     batch_size, seq_len = in_idx.shape
-    x = _fused(self)(in_idx, past_length=int(self.current_pos))
+    x = _lfs_lookup(self, in_idx, int(self.current_pos))
     if use_cache:
         start_pos = self.current_pos
         self.current_pos += seq_len
@@ -311,10 +362,15 @@ def _check_block_size(seq_len, block_size):
         raise AssertionError(f"Cannot forward sequence of length {seq_len}, block size is only {block_size}")
 
 
+def _karpathy_lookup(self, idx):
+    modules = self._modules["transformer"]._modules
+    return _embed(self, modules["wte"], modules["wpe"], modules["drop"], idx)
+
+
 def _nanogpt_forward(self, idx, targets=None):
     b, t = idx.size()
     _check_block_size(t, self.config.block_size)
-    x = _fused(self)(idx)
+    x = _karpathy_lookup(self, idx)
     for block in self.transformer.h:
         x = block(x)
     x = self.transformer.ln_f(x)
@@ -331,7 +387,7 @@ def _nanogpt_forward(self, idx, targets=None):
 def _mingpt_forward(self, idx, targets=None):
     b, t = idx.size()
     _check_block_size(t, self.block_size)
-    x = _fused(self)(idx)
+    x = _karpathy_lookup(self, idx)
     for block in self.transformer.h:
         x = block(x)
     x = self.transformer.ln_f(x)
@@ -527,6 +583,10 @@ def _hf_arm(base, args, kwargs):
             state.call.input_ids, state.call.waiting = None, False
             return
     call = state.call
+    if _hooked(token) or _hooked(position):
+        # Hooks added since the swap: both lookups run as the modules' own calls this time.
+        call.input_ids, call.waiting = None, False
+        return
     call.input_ids = kwargs.get("input_ids", args[0] if args else None)
     call.waiting = False
 
@@ -654,26 +714,61 @@ def _encoder_mismatch(model, spec: _EncoderSpec) -> Optional[str]:
     if not found:
         return f"it holds no {spec.embeddings_class} (transformers.models.{spec.module})"
     for module in found:
-        tables = ["word_embeddings", "position_embeddings"] + (["token_type_embeddings"] if spec.token_types else [])
-        reason = _first(*[lambda name=name: _plain(getattr(module, name, None), nn.Embedding, name) for name in tables],
-                        lambda: _plain(getattr(module, "LayerNorm", None), nn.LayerNorm, "LayerNorm"),
-                        lambda: _plain(getattr(module, "dropout", None), nn.Dropout, "dropout"),
-                        lambda: _no_hooks(module, spec.embeddings_class))
+        reason = _first(lambda: _encoder_parts_mismatch(module, spec), lambda: _no_hooks(module, spec.embeddings_class))
         if reason is not None:
             return reason
-        for name in tables:
-            table = getattr(module, name)
-            for option in ("max_norm", "scale_grad_by_freq", "sparse"):
-                if getattr(table, option):
-                    return f"{name} has {option} set"
         if getattr(module, "position_embedding_type", "absolute") != "absolute":
             return f"its position_embedding_type is {module.position_embedding_type!r}, not 'absolute'"
-        if tuple(module.LayerNorm.normalized_shape) != (module.word_embeddings.embedding_dim,):
-            return "its LayerNorm does not normalise the embedding dimension"
         first = _parameters(_forward_of(module))[:1]
         if not first or first[0].split("=")[0] != "input_ids":
             return f"{spec.embeddings_class}.forward does not take input_ids first"
     return None
+
+
+_ENCODER_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+_ENCODER_PARTS = _ENCODER_TABLES + ("LayerNorm", "dropout")
+
+
+def _encoder_parts_mismatch(module, spec: _EncoderSpec) -> Optional[str]:
+    """Why the parts of an embeddings module are not what the fused op stands in for, or None."""
+    tables = _ENCODER_TABLES if spec.token_types else _ENCODER_TABLES[:2]
+    reason = _first(*[lambda name=name: _plain(getattr(module, name, None), nn.Embedding, name) for name in tables],
+                    lambda: _plain(getattr(module, "LayerNorm", None), nn.LayerNorm, "LayerNorm"),
+                    lambda: _plain(getattr(module, "dropout", None), nn.Dropout, "dropout"))
+    if reason is not None:
+        return reason
+    for name in tables:
+        table = getattr(module, name)
+        for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+            if getattr(table, option):
+                return f"{name} has {option} set"
+    if tuple(module.LayerNorm.normalized_shape) != (module.word_embeddings.embedding_dim,):
+        return "its LayerNorm does not normalise the embedding dimension"
+    return None
+
+
+def _encoder_fused(module) -> Optional[FusedEncoderEmbedding]:
+    """The fused op for an embeddings module's parts as they are now (see _embed): the one the swap
+    made, a new one over parts replaced since by plain ones, or None where a call must run the
+    module's own forward (hooks on a part, a part of another kind)."""
+    fused = module.__dict__[_FUSED]
+    parts, wrapped = module._modules, fused._modules
+    current = True
+    for name in _ENCODER_PARTS:
+        part = parts.get(name)
+        if part is not wrapped.get(name) or (part is not None and _bypassed(part)):
+            current = False
+            break
+    if current:
+        return fused
+    spec = next(spec for spec in _ENCODER_SPECS.values() if spec.embeddings_class == type(module).__name__)
+    if _encoder_parts_mismatch(module, spec) is not None or \
+            any(_hooked(parts[name]) for name in _ENCODER_PARTS if parts.get(name) is not None):
+        return None
+    fused = FusedEncoderEmbedding.from_embeddings(module, pad_position_id=module.padding_idx if spec.from_padding
+                                                  else None, check_ids=fused.check_ids)
+    module.__dict__[_FUSED] = fused
+    return fused
 
 
 _SIGNATURES = {}
@@ -693,8 +788,8 @@ def _encoder_arguments(module, args, kwargs):
 def _hf_encoder_forward(module, *args, **kwargs):
     arguments = _encoder_arguments(module, args, kwargs)
     input_ids = arguments.get("input_ids")
-    fused = module.__dict__[_FUSED]
-    if input_ids is None or arguments.get("inputs_embeds", arguments.get("input_embeds")) is not None:
+    fused = _encoder_fused(module)
+    if fused is None or input_ids is None or arguments.get("inputs_embeds", arguments.get("input_embeds")) is not None:
         return type(module).forward(module, *args, **kwargs)
     position_ids = arguments.get("position_ids")
     past_length = 0
