@@ -19,6 +19,15 @@ pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
                                 reason="drives the Triton path (interpreted or on a GPU)")
 
 
+def test_a_cpu_run_without_the_interpreter_is_refused_saying_how(tmp_path, monkeypatch, capsys):
+    # Without TRITON_INTERPRET=1 the fused rows would time the plain-PyTorch path and Liger's rows
+    # would fail: nothing the report claims. Refused before anything runs, with the command to use.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert acceptance.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 2
+    assert "TRITON_INTERPRET=1 python bench/acceptance.py --device cpu --smoke" in capsys.readouterr().err
+    assert not (tmp_path / "acceptance.json").exists()
+
+
 def test_the_whole_run_at_tiny_shapes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     liger = acceptance.liger_function() is not None
@@ -27,10 +36,13 @@ def test_the_whole_run_at_tiny_shapes(tmp_path, monkeypatch, capsys):
                               "--rounds", "3",
                               "--sample-s", "0.002", "--example-runs", "1", "--example-steps", "2"])
     capsys.readouterr()
-    assert status in (0, 1)  # measured (tiny shapes meet no speed target; that is not the point)
+    assert status == 0  # every part ran (a smoke run's figures count toward no target)
     saved = json.loads((tmp_path / "acceptance.json").read_text())
     records, found = saved["records"], saved["verdicts"]
     assert saved["smoke"] is True and saved["environment"]["torch"] == torch.__version__
+    if TRITON_DEVICE.type == "cpu":  # (it once read "CPU (CPU (x86_64)), kernels interpreted")
+        device_line = saved["environment"]["device"]
+        assert device_line.count("CPU") == 1 and device_line.endswith(", kernels interpreted"), device_line
     assert not [r for r in records if r["kind"] == "error"], [r for r in records if r["kind"] == "error"]
 
     def rows(kind, **fields):

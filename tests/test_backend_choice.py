@@ -36,20 +36,23 @@ def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
 def test_the_module_says_which_path_ran(monkeypatch):
     from tokemb_fast import FusedInputEmbedding, backend_name
     module = FusedInputEmbedding(10, 4, 3)
-    assert module.last_backend is None and "backend='torch' (not called yet)" in repr(module)
+    # Named as the attribute it shows: once read as the constructor's backend argument.
+    assert module.last_backend is None and "last_backend=None (a call would take 'torch')" in repr(module)
+    assert "backend=" not in repr(module).replace("last_backend=", "")
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "torch")
     module(torch.tensor([[1, 2]]))
     assert module.last_backend == "torch" and backend_name("cpu") == "torch"
-    assert "backend='torch'" in repr(module) and "not called yet" not in repr(module)
+    assert "last_backend='torch'" in repr(module) and "would take" not in repr(module)
     if triton_ops.INTERPRETED:
         monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
         module(torch.tensor([[1, 2]]))
         assert module.last_backend == "triton-interpreter" == backend_name("cpu")
-        assert "backend='triton-interpreter'" in repr(module)
+        assert "last_backend='triton-interpreter'" in repr(module)
     meta = FusedInputEmbedding(10, 4, 3, device="meta")
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
-    assert "backend=none (backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not " \
-           "on meta tensors)" in repr(meta)
+    assert "last_backend=None (no path can run: backend 'triton' runs on CUDA tensors (or CPU tensors under " \
+           "TRITON_INTERPRET=1), not on meta tensors)" in repr(meta)
+    assert "backend='triton', last_backend=None" in repr(FusedInputEmbedding(10, 4, 3, backend="triton", device="meta"))
 
 
 def test_the_module_takes_a_backend_of_its_own(monkeypatch):

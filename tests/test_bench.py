@@ -109,12 +109,37 @@ def test_plot_has_a_panel_per_mode_and_dtype(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cli_bench_on_cpu_says_which_flags_it_ignores(capsys):
+    assert main(["bench", "--shapes", "seed", "--modes", "fwd", "--dtypes", "fp32", "--impls", "fused,eager",
+                 "--ids", "zipf"]) == 0
+    assert "Note: --impls and --ids apply to the GPU tables only; ignored here." in capsys.readouterr().out
+
+
+def test_plot_of_cpu_rows_labels_each_implementation_once(tmp_path, monkeypatch):
+    # "fused" is a name of both the GPU's and the CPU's tables; it was once drawn (and labelled) twice.
+    import matplotlib.figure
+    rows = [bench.Row("seed", "fp32", "fwd", impl, "uniform", ms, 1.0, 10**9)
+            for impl, ms in (("fused", 1.2), ("nn.Embedding x2", 1.3))]
+    labels = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        labels.extend(text.get_text() for ax in figure.axes for text in ax.get_legend().get_texts())
+        return original(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    bench.save_plot(rows, str(tmp_path / "cpu.png"), bench.environment())
+    assert labels == ["fused", "nn.Embedding x2"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_cli_bench_on_cpu_times_the_module_beside_two_embeddings(tmp_path, capsys):
     assert main(["bench", "--shapes", "seed", "--modes", "fwd", "--dtypes", "fp32", "--json",
                  str(tmp_path / "b.json")]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert "No CUDA device: timing what runs on this CPU" in out
+    assert "Note:" not in out  # (no GPU-only flag given)
     assert "| mode | impl | median ms | quartiles ms | x nn.Embedding x2 |" in out
     assert "GB/s" not in out and "floor" not in out.split("\n#### ")[1]
     assert out.count("| fwd | fused |") == 1 and out.count("| fwd | nn.Embedding x2 |") == 1  # the table, once

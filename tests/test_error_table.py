@@ -99,6 +99,7 @@ CASES = {
         (lambda: call(ZERO, norm_type=-1.0), ValueError, "token norm_type must be a number > 0"),
         (lambda: call(ZERO, dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: call(ZERO, token_scale=float("inf")), ValueError, "token_scale must be a finite number"),
+        (lambda: call(ZERO, token_scale=torch.tensor(2.0)), ValueError, r"a Python int or float\), got tensor"),
         (lambda: call(ZERO, check_ids="yes"), ValueError, "check_ids must be True"),
     ],
     "ids with more than 2 dims (or 0); position_ids of the wrong shape; both position_ids and past_length": [

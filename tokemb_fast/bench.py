@@ -618,7 +618,9 @@ def save_plot(rows: List[Row], path: str, env: dict) -> None:
     for ax, (mode, dtype) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r.mode == mode and r.dtype == dtype and r.ids in ("uniform", "-")]
         shapes = list(dict.fromkeys(r.shape for r in sel))
-        impls = [i for i in IMPLS + DROPOUT_IMPLS + HF_IMPLS + ALL_CPU_IMPLS if any(r.impl == i for r in sel)]
+        # (CPU rows share "fused" with the GPU's names: each impl once, in the tables' order.)
+        impls = [i for i in dict.fromkeys(IMPLS + DROPOUT_IMPLS + HF_IMPLS + ALL_CPU_IMPLS)
+                 if any(r.impl == i for r in sel)]
         width = 0.8 / max(len(impls), 1)
         on_cpu = all(r.impl in ALL_CPU_IMPLS for r in sel)  # bandwidth means nothing for the CPU fallback
         for k, impl in enumerate(impls):

@@ -196,6 +196,10 @@ def run_bench(args: argparse.Namespace) -> int:
               "FusedInputEmbedding, whose CPU path is plain PyTorch, beside the two nn.Embedding modules summed "
               "that it replaces, on the same tables. No Triton kernel, floor or torch.compile numbers: run on a "
               "GPU for those. Median and quartiles of per-call ms, samples taken in alternation.")
+        ignored = [flag for flag, given in (("--impls", args.impls != list(bench.IMPLS)),
+                                            ("--ids", args.ids != ["uniform"])) if given]
+        if ignored:  # (the CPU table has one fixed pair of implementations on uniform ids)
+            print(f"Note: {' and '.join(ignored)} apply to the GPU tables only; ignored here.")
         cpu_shapes = [s for s in shapes if s.name in ("seed", "decode", "gpt2-124M")] if args.shapes_default else shapes
         progress = Progress(len(cpu_shapes) * len(args.dtypes) * len(args.modes))
         rows = bench.run_cpu(cpu_shapes, args.dtypes, args.modes, progress=progress)

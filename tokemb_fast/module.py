@@ -233,17 +233,19 @@ class FusedInputEmbedding(nn.Module):
         backend = _repr_backend(self.last_backend, self.tok_emb.weight.device, self.backend)
         return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, "
                 f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids!r}"
-                + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}") + f", backend={backend}")
+                + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}") + f", {backend}")
 
 
 def _repr_backend(last_backend, device, backend) -> str:
-    """The path the last call took, or before any call the path a call would take."""
+    """The backend argument if one was given, then the path the last call took, or before any call
+    the path a call would take (named last_backend, as the attribute: not the constructor's backend)."""
+    chosen = "" if backend is None else f"backend={backend!r}, "
     if last_backend is not None:
-        return repr(last_backend)
+        return f"{chosen}last_backend={last_backend!r}"
     try:
-        return f"{backend_name(device, backend)!r} (not called yet)"
+        return f"{chosen}last_backend=None (a call would take {backend_name(device, backend)!r})"
     except (RuntimeError, ValueError) as error:  # no path can run on these tables
-        return f"none ({error})"
+        return f"{chosen}last_backend=None (no path can run: {error})"
 
 
 def _module_backend(backend: Optional[str]) -> Optional[str]:
@@ -384,4 +386,4 @@ class FusedEncoderEmbedding(nn.Module):
                 f"max_position_embeddings={self.position_embeddings.num_embeddings}, hidden_size={self.embedding_dim}, "
                 f"token_types={0 if self.token_type_embeddings is None else self.token_type_embeddings.num_embeddings}, "
                 f"positions={kind}, layer_norm={self.LayerNorm is not None}, check_ids={self.check_ids!r}, "
-                f"backend={backend}")
+                f"{backend}")

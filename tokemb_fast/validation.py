@@ -159,7 +159,7 @@ def check_token_scale(token_scale) -> float:
     # (Comparisons rather than math.isfinite, which torch.compile cannot trace.)
     if isinstance(token_scale, bool) or not isinstance(token_scale, (int, float)) or \
             not -float("inf") < token_scale < float("inf"):
-        raise ValueError(f"token_scale must be a finite number, got {token_scale!r}")
+        raise ValueError(f"token_scale must be a finite number (a Python int or float), got {token_scale!r}")
     return float(token_scale)
 
 
