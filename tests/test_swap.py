@@ -133,6 +133,26 @@ def test_modules_replaced_after_the_swap_are_used(backend, family, kernel_launch
             assert fused_launches == 0
 
 
+def test_modules_replaced_after_compiling_are_used_in_the_compiled_graph(backend):
+    # Dynamo guards on the modules, so a replacement retraces: the new tables are looked up fused,
+    # without building a module inside the traced region (a graph break, refused by fullgraph).
+    torch._dynamo.reset()
+    original, swapped = pair("llms-from-scratch")
+    original.eval()
+    swapped.eval()
+    compiled = torch.compile(swapped, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 61, (2, 8), device=DEVICE)
+    torch.testing.assert_close(compiled(ids), original(ids), rtol=1e-5, atol=1e-6)
+    for model in (original, swapped):
+        torch.manual_seed(7)
+        model.tok_emb = nn.Embedding(61, 32, device=DEVICE)
+        model.pos_emb = nn.Embedding(16, 32, device=DEVICE)
+    got = compiled(ids)
+    torch.testing.assert_close(got, original(ids), rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    assert swapped.tok_emb.weight.grad is not None and swapped.pos_emb.weight.grad is not None
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hooks_added_after_the_swap_run_as_in_the_original(backend, family, kernel_launches):
     # A fused call never calls the tables' modules, so while one has hooks (a NEFTune-style noise

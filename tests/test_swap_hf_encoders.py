@@ -220,3 +220,17 @@ def test_parts_replaced_or_hooked_after_the_swap_are_honoured(backend, family, k
     assert launches_of(kernel_launches, "encoder_embedding_fwd_kernel") == 0
     for handle in handles:
         handle.remove()
+
+
+def test_parts_replaced_after_compiling_are_used_in_the_compiled_graph(backend):
+    torch._dynamo.reset()
+    original, swapped = pair("bert")
+    compiled = torch.compile(swapped, backend="aot_eager", fullgraph=True)
+    ids, mask = padded_batch()
+    assert_matches(compiled(input_ids=ids, attention_mask=mask).logits,
+                   original(input_ids=ids, attention_mask=mask).logits, backend)
+    for model in (original, swapped):
+        torch.manual_seed(5)
+        model.set_input_embeddings(torch.nn.Embedding(VOCAB, 32, padding_idx=PAD, device=DEVICE))
+    assert_matches(compiled(input_ids=ids, attention_mask=mask).logits,
+                   original(input_ids=ids, attention_mask=mask).logits, backend)

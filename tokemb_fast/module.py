@@ -198,23 +198,9 @@ class FusedInputEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 past_length: int = 0) -> torch.Tensor:
-        # fused_input_embedding's arguments, read from the submodules at every call; positionally,
-        # because at GPT-2 sizes the host time of a call is what users feel.
         modules = self._modules
-        tok, pos, drop = modules["tok_emb"], modules["pos_emb"], modules["drop"]
-        # A parameter's own dict first: ``tok.weight`` goes through nn.Module.__getattr__ (0.5 us).
-        # (A parametrized weight, or the sinusoidal table's buffer, is not there: read as attributes.)
-        token_weight = tok._parameters.get("weight")
-        if token_weight is None:
-            token_weight = tok.weight
-        position_weight = pos._parameters.get("weight")
-        if position_weight is None:
-            position_weight = pos.weight
-        out = _fused(input_ids, token_weight, position_weight, position_ids, past_length,
-                     (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
-                      pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
-                     drop.p if drop.training else 0.0, self.check_ids, self.token_scale, self.backend,
-                     tok.__dict__.get("tokemb_fast_tensor_parallel"))  # (tokemb_fast.parallel's layout)
+        out = lookup_with(modules["tok_emb"], modules["pos_emb"], modules["drop"], self.check_ids, self.token_scale,
+                          self.backend, input_ids, position_ids, past_length)
         if not torch.compiler.is_compiling():
             self.__dict__["last_backend"] = last_backend()  # (not through nn.Module.__setattr__: per call)
         return out
@@ -234,6 +220,47 @@ class FusedInputEmbedding(nn.Module):
         return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, "
                 f"embedding_dim={self.embedding_dim}, position={position}, check_ids={self.check_ids!r}"
                 + ("" if self.token_scale == 1.0 else f", token_scale={self.token_scale:g}") + f", {backend}")
+
+
+def lookup_with(tok: nn.Module, pos: nn.Module, drop: nn.Dropout, check_ids, token_scale: float,
+                backend: Optional[str], input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                past_length: int = 0) -> torch.Tensor:
+    """What a FusedInputEmbedding over these modules computes (its forward, without the module):
+    for callers that hold the modules but must not build a module, e.g. inside torch.compile."""
+    # fused_input_embedding's arguments, read from the modules at every call; positionally,
+    # because at GPT-2 sizes the host time of a call is what users feel.
+    # A parameter's own dict first: ``tok.weight`` goes through nn.Module.__getattr__ (0.5 us).
+    # (A parametrized weight, or the sinusoidal table's buffer, is not there: read as attributes.)
+    token_weight = tok._parameters.get("weight")
+    if token_weight is None:
+        token_weight = tok.weight
+    position_weight = pos._parameters.get("weight")
+    if position_weight is None:
+        position_weight = pos.weight
+    return _fused(input_ids, token_weight, position_weight, position_ids, past_length,
+                  (tok.padding_idx, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse,
+                   pos.padding_idx, pos.max_norm, pos.norm_type, pos.scale_grad_by_freq, pos.sparse),
+                  drop.p if drop.training else 0.0, check_ids, token_scale, backend,
+                  tok.__dict__.get("tokemb_fast_tensor_parallel"))  # (tokemb_fast.parallel's layout)
+
+
+def encoder_lookup_with(parts, pad_position_id: Optional[int], check_ids, backend: Optional[str],
+                        input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                        position_ids: Optional[torch.Tensor] = None, past_length: int = 0) -> torch.Tensor:
+    """What a FusedEncoderEmbedding over ``parts`` (a mapping with its submodules' names, such as a
+    Hugging Face embeddings module's ``_modules``) computes, without building the module."""
+    # (No token-type table, or no LayerNorm: None, held as a plain attribute.)
+    word, position, token_type = parts["word_embeddings"], parts["position_embeddings"], \
+        parts.get("token_type_embeddings")
+    layer_norm, drop = parts.get("LayerNorm"), parts["dropout"]
+    return fused_encoder_embedding(
+        input_ids, word.weight, position.weight, None if token_type is None else token_type.weight,
+        token_type_ids, position_ids, past_length, layer_norm=layer_norm is not None,
+        layer_norm_weight=None if layer_norm is None else layer_norm.weight,
+        layer_norm_bias=None if layer_norm is None else layer_norm.bias,
+        layer_norm_eps=1e-12 if layer_norm is None else layer_norm.eps, pad_position_id=pad_position_id,
+        padding_idx=word.padding_idx, position_padding_idx=position.padding_idx,
+        dropout_p=drop.p if drop.training else 0.0, check_ids=check_ids, backend=backend)
 
 
 def _repr_backend(last_backend, device, backend) -> str:
@@ -357,19 +384,8 @@ class FusedEncoderEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, past_length: int = 0) -> torch.Tensor:
-        modules = self._modules
-        # (No token-type table, or no LayerNorm: None, held as a plain attribute.)
-        word, position, token_type = modules["word_embeddings"], modules["position_embeddings"], \
-            modules.get("token_type_embeddings")
-        layer_norm, drop = modules.get("LayerNorm"), modules["dropout"]
-        out = fused_encoder_embedding(
-            input_ids, word.weight, position.weight, None if token_type is None else token_type.weight,
-            token_type_ids, position_ids, past_length, layer_norm=layer_norm is not None,
-            layer_norm_weight=None if layer_norm is None else layer_norm.weight,
-            layer_norm_bias=None if layer_norm is None else layer_norm.bias,
-            layer_norm_eps=1e-12 if layer_norm is None else layer_norm.eps, pad_position_id=self.pad_position_id,
-            padding_idx=word.padding_idx, position_padding_idx=position.padding_idx,
-            dropout_p=drop.p if drop.training else 0.0, check_ids=self.check_ids, backend=self.backend)
+        out = encoder_lookup_with(self._modules, self.pad_position_id, self.check_ids, self.backend, input_ids,
+                                  token_type_ids, position_ids, past_length)
         if not torch.compiler.is_compiling():
             self.__dict__["last_backend"] = encoder_last_backend()
         return out

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import FusedEncoderEmbedding, FusedInputEmbedding
+from .module import FusedEncoderEmbedding, FusedInputEmbedding, encoder_lookup_with, lookup_with
 from .options import check_mode
 
 _MARK = "_tokemb_fast_swapped"
@@ -166,6 +166,9 @@ def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0):
                 is not None:
             positions = torch.arange(past_length, past_length + input_ids.shape[-1], device=input_ids.device)
             return dropout(tok_emb(input_ids) + pos_emb(positions))
+        if torch.compiler.is_compiling():  # (no module is built in a traced region: the same call without one)
+            return lookup_with(tok_emb, pos_emb, dropout, fused.check_ids, fused.token_scale, fused.backend, input_ids,
+                               None, past_length)
         fused = FusedInputEmbedding.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=fused.check_ids)
         model.__dict__[_FUSED] = fused
     return fused(input_ids, None, past_length)  # (positionally: keywords cost nn.Module's call ~0.3 us)
@@ -747,10 +750,11 @@ def _encoder_parts_mismatch(module, spec: _EncoderSpec) -> Optional[str]:
     return None
 
 
-def _encoder_fused(module) -> Optional[FusedEncoderEmbedding]:
-    """The fused op for an embeddings module's parts as they are now (see _embed): the one the swap
-    made, a new one over parts replaced since by plain ones, or None where a call must run the
-    module's own forward (hooks on a part, a part of another kind)."""
+def _encoder_fused(module) -> Optional[Callable]:
+    """The fused call for an embeddings module's parts as they are now (see _embed): the module the
+    swap made, a new one over parts replaced since by plain ones (inside torch.compile, which builds
+    no module, the same call without one), or None where a call must run the module's own forward
+    (hooks on a part, a part of another kind)."""
     fused = module.__dict__[_FUSED]
     parts, wrapped = module._modules, fused._modules
     current = True
@@ -765,6 +769,8 @@ def _encoder_fused(module) -> Optional[FusedEncoderEmbedding]:
     if _encoder_parts_mismatch(module, spec) is not None or \
             any(_hooked(parts[name]) for name in _ENCODER_PARTS if parts.get(name) is not None):
         return None
+    if torch.compiler.is_compiling():
+        return functools.partial(encoder_lookup_with, parts, fused.pad_position_id, fused.check_ids, fused.backend)
     fused = FusedEncoderEmbedding.from_embeddings(module, pad_position_id=module.padding_idx if spec.from_padding
                                                   else None, check_ids=fused.check_ids)
     module.__dict__[_FUSED] = fused
@@ -791,6 +797,7 @@ def _hf_encoder_forward(module, *args, **kwargs):
     fused = _encoder_fused(module)
     if fused is None or input_ids is None or arguments.get("inputs_embeds", arguments.get("input_embeds")) is not None:
         return type(module).forward(module, *args, **kwargs)
+    settings = module.__dict__[_FUSED]  # (pad_position_id: the swap's, whichever call runs)
     position_ids = arguments.get("position_ids")
     past_length = 0
     if position_ids is None:
@@ -798,9 +805,9 @@ def _hf_encoder_forward(module, *args, **kwargs):
         # The highest position the call can make (RoBERTa's: the pad id + past_length + T); a call
         # that might run past the table fails as the original does (at once, whatever it raises).
         highest = past_length + input_ids.shape[-1] - 1
-        if fused.pad_position_id is not None:
-            highest += fused.pad_position_id + 1
-        if highest >= fused.position_embeddings.num_embeddings:
+        if settings.pad_position_id is not None:
+            highest += settings.pad_position_id + 1
+        if highest >= module._modules["position_embeddings"].num_embeddings:
             return type(module).forward(module, *args, **kwargs)
     return fused(input_ids, token_type_ids=arguments.get("token_type_ids"), position_ids=position_ids,
                  past_length=past_length)
