@@ -758,7 +758,8 @@ def main(argv=None) -> int:
     print(report, flush=True)
     targets = [v for v in found if not v.informational]
     if args.smoke:  # the figures of tiny interpreted shapes mean nothing: only whether every part ran
-        return 1 if any(e["kind"] == "error" for e in run.records) else 0
+        return 1 if any(e["kind"] == "error" or (e["kind"] == "skipped" and e["reason"].startswith("budget"))
+                        for e in run.records) else 0
     if not any(v.met is not None for v in targets):
         return 2
     return 1 if any(v.met is False for v in targets) else 0

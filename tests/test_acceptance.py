@@ -28,6 +28,17 @@ def test_a_cpu_run_without_the_interpreter_is_refused_saying_how(tmp_path, monke
     assert not (tmp_path / "acceptance.json").exists()
 
 
+def test_a_smoke_run_that_skips_a_part_for_its_budget_says_so(tmp_path, monkeypatch, capsys):
+    # Exit 0 means every part ran: a part left out for the time budget is a failure of the smoke run.
+    monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
+    status = acceptance.main(["--device", TRITON_DEVICE.type, "--smoke", "--out", str(tmp_path), "--shapes", "seed",
+                              "--dtypes", "fp32", "--impls", "fused,eager", "--skip", "hf", "--budget-s", "1"])
+    capsys.readouterr()
+    records = json.loads((tmp_path / "acceptance.json").read_text())["records"]
+    assert any(r["kind"] == "skipped" and r["reason"].startswith("budget") for r in records)
+    assert status == 1
+
+
 def test_the_whole_run_at_tiny_shapes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOKEMB_FAST_BACKEND", "triton")
     liger = acceptance.liger_function() is not None

@@ -103,6 +103,47 @@ def test_idempotent_copyable_and_dropout_left_to_the_model():
     assert fused.tok_emb is clone.transformer.wte and fused.drop.p == 0.0
 
 
+def test_a_call_in_another_thread_during_a_takeover_sees_old_or_new_modules_whole(monkeypatch):
+    # Thread A takes over replaced tables and is held between setting the new modules' forwards;
+    # thread B's call then must not get the token placeholder with a plain position lookup (the sum
+    # would lack the token rows): it runs either the old pair's way or the new pair's, whole.
+    import threading
+    original, swapped = pair(GPT2Model)
+    for model in (original, swapped):
+        torch.manual_seed(1)
+        model.wte = nn.Embedding(61, 32, device=DEVICE)
+        model.wpe = nn.Embedding(16, 32, device=DEVICE)
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    expected = original(input_ids=ids).last_hidden_state
+    new_position = swapped.wpe
+    between, release = threading.Event(), threading.Event()
+    setattr_ = nn.Module.__setattr__
+
+    def held_setattr(module, name, value):
+        if name == "forward" and module is new_position and threading.current_thread().name == "A":
+            between.set()
+            release.wait(10)
+        return setattr_(module, name, value)
+
+    monkeypatch.setattr(nn.Module, "__setattr__", held_setattr)
+    results = {}
+
+    def run(name):
+        with torch.no_grad():
+            results[name] = swapped(input_ids=ids).last_hidden_state
+
+    first = threading.Thread(target=run, args=("A",), name="A")
+    first.start()
+    assert between.wait(10)
+    second = threading.Thread(target=run, args=("B",), name="B")
+    second.start()
+    second.join(10)
+    release.set()
+    first.join(10)
+    for name in "AB":
+        torch.testing.assert_close(results[name], expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compiles_fullgraph(compile_backend, monkeypatch):
     if compile_backend == "inductor" and DEVICE != "cuda":

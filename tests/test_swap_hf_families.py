@@ -223,3 +223,24 @@ def test_hooks_added_after_the_swap_see_what_they_would_see_unswapped(backend, f
     torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
                                original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
     assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("replaced", ["token", "position"])
+def test_one_table_replaced_after_the_swap_is_fused_in_turn(backend, family, replaced, kernel_launches):
+    # (Once the swap's own forward on the other table made every later call unfused.)
+    original, swapped = pair(family)
+    token_name, position_name = token_and_position_names(swapped)
+    name = token_name if replaced == "token" else position_name
+    for model in (original, swapped):
+        new = copy.deepcopy(original.get_submodule(name))  # (of its own class: OPT's offset positions)
+        torch.manual_seed(11)
+        torch.nn.init.normal_(new.weight)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attribute, new)
+    ids, mask = left_padded()
+    kernel_launches.clear()
+    torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
+                               original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
+    assert token_and_position_names(swapped) == (token_name, position_name)

@@ -95,7 +95,12 @@ def lookalike(kind):
     if kind == "hook on tok_emb":
         model = GPTModel()
         model.tok_emb.register_forward_hook(lambda module, args, out: out * 1.0)
-        return model, "tok_emb has forward hooks or a replaced forward"
+        return model, "tok_emb has forward hooks, backward hooks or a replaced forward"
+    if kind == "backward hook on pos_emb":
+        # (Accepted once, and then no call was ever fused: the per-call check counts backward hooks.)
+        model = GPTModel()
+        model.pos_emb.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+        return model, "pos_emb has forward hooks, backward hooks or a replaced forward"
     if kind == "tok_emb with a forward of its own":
         class Scaled(nn.Embedding):
             def forward(self, input):
@@ -134,9 +139,9 @@ def lookalike(kind):
     raise ValueError(kind)
 
 
-LOOKALIKES = ["hook on tok_emb", "tok_emb with a forward of its own", "drop_emb is not a Dropout", "forward signature",
-              "replaced forward", "blocks' calling convention", "cache counter missing",
-              "nanoGPT without config.block_size"]
+LOOKALIKES = ["hook on tok_emb", "backward hook on pos_emb", "tok_emb with a forward of its own",
+              "drop_emb is not a Dropout", "forward signature", "replaced forward", "blocks' calling convention",
+              "cache counter missing", "nanoGPT without config.block_size"]
 
 
 @pytest.mark.parametrize("kind", LOOKALIKES)

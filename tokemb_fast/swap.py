@@ -84,9 +84,14 @@ def _plain(module, kind, name) -> Optional[str]:
     return _no_hooks(module, name)
 
 
-def _no_hooks(module, name) -> Optional[str]:
-    if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
-        return f"{name} has forward hooks or a replaced forward, which a fused call would skip"
+def _no_hooks(module, name, own_forward=None) -> Optional[str]:
+    """Why a fused call could not stand in for module's calls (hooks; a forward replaced on the
+    instance, unless by the swap itself: a partial of own_forward), or None."""
+    replaced = module.__dict__.get("forward")
+    if replaced is not None and own_forward is not None and getattr(replaced, "func", None) is own_forward:
+        replaced = None
+    if _hooked(module) or replaced is not None:
+        return f"{name} has forward hooks, backward hooks or a replaced forward, which a fused call would skip"
     return None
 
 
@@ -148,14 +153,14 @@ def _fused(model) -> FusedInputEmbedding:
     return model.__dict__[_FUSED]
 
 
-def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0):
+def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0, batched_positions=False):
     """A swapped decoder's embedding stage, given the model's modules as they are now.
 
     Fused while they are the ones the swap wrapped and nothing hangs on their calls. Modules
     replaced since (a new table, another Dropout) are wrapped in turn if they are still plain ones.
     Otherwise (hooks added since, a replaced forward, another kind of module) the call runs the
     original's own arithmetic through the modules themselves, so that hooks see what they would
-    have seen in the unswapped model."""
+    have seen in the unswapped model (batched_positions: the original looks positions up as [1, T])."""
     fused = model.__dict__[_FUSED]
     wrapped = fused._modules
     if wrapped["tok_emb"] is not tok_emb or wrapped["pos_emb"] is not pos_emb or wrapped["drop"] is not dropout \
@@ -165,7 +170,7 @@ def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0):
                   lambda: "backward hooks" if _hooked(tok_emb) or _hooked(pos_emb) or _hooked(dropout) else None) \
                 is not None:
             positions = torch.arange(past_length, past_length + input_ids.shape[-1], device=input_ids.device)
-            return dropout(tok_emb(input_ids) + pos_emb(positions))
+            return dropout(tok_emb(input_ids) + pos_emb(positions[None] if batched_positions else positions))
         if torch.compiler.is_compiling():  # (no module is built in a traced region: the same call without one)
             return lookup_with(tok_emb, pos_emb, dropout, fused.check_ids, fused.token_scale, fused.backend, input_ids,
                                None, past_length)
@@ -365,9 +370,9 @@ def _check_block_size(seq_len, block_size):
         raise AssertionError(f"Cannot forward sequence of length {seq_len}, block size is only {block_size}")
 
 
-def _karpathy_lookup(self, idx):
+def _karpathy_lookup(self, idx, batched_positions=False):
     modules = self._modules["transformer"]._modules
-    return _embed(self, modules["wte"], modules["wpe"], modules["drop"], idx)
+    return _embed(self, modules["wte"], modules["wpe"], modules["drop"], idx, 0, batched_positions)
 
 
 def _nanogpt_forward(self, idx, targets=None):
@@ -390,7 +395,7 @@ def _nanogpt_forward(self, idx, targets=None):
 def _mingpt_forward(self, idx, targets=None):
     b, t = idx.size()
     _check_block_size(t, self.block_size)
-    x = _karpathy_lookup(self, idx)
+    x = _karpathy_lookup(self, idx, batched_positions=True)  # (minGPT: arange(0, t).unsqueeze(0))
     for block in self.transformer.h:
         x = block(x)
     x = self.transformer.ln_f(x)
@@ -534,7 +539,8 @@ def _hf_mismatch(model, spec: _HuggingFaceSpec) -> Optional[str]:
     first = _parameters(_forward_of(base))[:1]
     if not first or first[0].split("=")[0] != "input_ids":
         return "its forward does not take input_ids first"
-    return _first(lambda: _no_hooks(token, spec.token), lambda: _no_hooks(position, spec.position))
+    return _first(lambda: _no_hooks(token, spec.token, _hf_token_forward),
+                  lambda: _no_hooks(position, spec.position, _hf_position_forward))
 
 
 class _HuggingFaceCall(threading.local):
@@ -543,6 +549,7 @@ class _HuggingFaceCall(threading.local):
 
     input_ids = None
     waiting = False  # the token lookup returned the placeholder; the position lookup is next
+    wrapped = (None, None, None)  # the state's (token, position, fused) when this call was armed
 
 
 class _HuggingFaceState:
@@ -552,8 +559,13 @@ class _HuggingFaceState:
         self.spec = spec
         self.check_ids = check_ids
         self.call = _HuggingFaceCall()
-        self.token = self.position = self.fused = None
+        self.wrapped = (None, None, None)
         self.attach(base)
+
+    # (token, position, fused) is one attribute, replaced whole: a call reads one consistent triple.
+    token = property(lambda self: self.wrapped[0])
+    position = property(lambda self: self.wrapped[1])
+    fused = property(lambda self: self.wrapped[2])
 
     def __getstate__(self):  # (torch.save, copy.deepcopy: a call in progress is not part of the model)
         state = dict(self.__dict__)
@@ -561,37 +573,44 @@ class _HuggingFaceState:
         return state
 
     def __setstate__(self, state):
+        if "wrapped" not in state:  # pickled by 0.2.0 (before the triple)
+            state["wrapped"] = (state.pop("token"), state.pop("position"), state.pop("fused"))
         self.__dict__.update(state)
         self.call = _HuggingFaceCall()
 
     def attach(self, base):
-        """Take over the base model's current token and position modules."""
+        """Take over the base model's current token and position modules. Both get their forwards
+        before the triple that names them is published, so that a call armed in another thread
+        meanwhile either sees the old triple (and these modules run plain) or the whole new one."""
         token, position = getattr(base, self.spec.token), getattr(base, self.spec.position)
-        self.token, self.position = token, position
-        self.fused = FusedInputEmbedding.from_embeddings(token, position, check_ids=self.check_ids,
-                                                         token_scale=_hf_token_scale(base, token))
+        fused = FusedInputEmbedding.from_embeddings(token, position, check_ids=self.check_ids,
+                                                    token_scale=_hf_token_scale(base, token))
         token.forward = functools.partial(_hf_token_forward, token, self)
         position.forward = functools.partial(_hf_position_forward, position, self)
+        self.wrapped = (token, position, fused)
 
 
 def _hf_arm(base, args, kwargs):
     state = base.__dict__[_HF_STATE]
-    token, position = getattr(base, state.spec.token), getattr(base, state.spec.position)
-    if token is not state.token or position is not state.position:
-        # Replaced since (resize_token_embeddings, a weight loader): take over the new modules,
-        # if they are still of a kind the fused op stands in for.
-        if _first(lambda: _hf_mismatch(base, state.spec)) is None:
-            state.attach(base)
-        else:
-            state.call.input_ids, state.call.waiting = None, False
-            return
     call = state.call
+    token, position = getattr(base, state.spec.token), getattr(base, state.spec.position)
+    wrapped = state.wrapped
+    if token is not wrapped[0] or position is not wrapped[1]:
+        # Replaced since (set_input_embeddings, a weight loader): take over the new modules, if
+        # they are still of a kind the fused op stands in for.
+        if _hf_mismatch(base, state.spec) is None:
+            state.attach(base)
+            wrapped = state.wrapped
+        else:
+            call.input_ids, call.waiting = None, False
+            return
     if _hooked(token) or _hooked(position):
         # Hooks added since the swap: both lookups run as the modules' own calls this time.
         call.input_ids, call.waiting = None, False
         return
     call.input_ids = kwargs.get("input_ids", args[0] if args else None)
     call.waiting = False
+    call.wrapped = wrapped
 
 
 def _hf_token_forward(module, state, input):
@@ -600,7 +619,7 @@ def _hf_token_forward(module, state, input):
     # not armed.
     call = state.call
     armed = call.input_ids
-    if armed is not None and not call.waiting and module is state.token and input.numel() == armed.numel() \
+    if armed is not None and not call.waiting and module is call.wrapped[0] and input.numel() == armed.numel() \
             and input.shape[-1] == armed.shape[-1]:
         call.input_ids, call.waiting = input, True
         weight = module.weight
@@ -612,7 +631,7 @@ def _hf_token_forward(module, state, input):
 
 def _hf_position_forward(module, state, *args, **kwargs):
     call = state.call
-    if not call.waiting or module is not state.position:
+    if not call.waiting or module is not call.wrapped[1]:
         return type(module).forward(module, *args, **kwargs)
     call.waiting = False
     input_ids, call.input_ids = call.input_ids, None  # (the ids as the token lookup got them)
@@ -620,7 +639,7 @@ def _hf_position_forward(module, state, *args, **kwargs):
         position_ids = _hf_offset_positions(*args, **kwargs)
     else:
         position_ids = args[0] if args else kwargs["input"]
-    return state.fused(input_ids, position_ids=position_ids)
+    return call.wrapped[2](input_ids, position_ids=position_ids)
 
 
 def _hf_offset_positions(attention_mask, past_length=0, position_ids=None, **kwargs):
@@ -757,13 +776,15 @@ def _encoder_fused(module) -> Optional[Callable]:
     (hooks on a part, a part of another kind)."""
     fused = module.__dict__[_FUSED]
     parts, wrapped = module._modules, fused._modules
-    current = True
-    for name in _ENCODER_PARTS:
-        part = parts.get(name)
-        if part is not wrapped.get(name) or (part is not None and _bypassed(part)):
-            current = False
-            break
-    if current:
+    # (Checked at every call: spelt out, about 0.7 us.)
+    word, position, token_type = parts.get("word_embeddings"), parts.get("position_embeddings"), \
+        parts.get("token_type_embeddings")
+    layer_norm, dropout = parts.get("LayerNorm"), parts.get("dropout")
+    if word is wrapped.get("word_embeddings") and position is wrapped.get("position_embeddings") and \
+            token_type is wrapped.get("token_type_embeddings") and layer_norm is wrapped.get("LayerNorm") and \
+            dropout is wrapped.get("dropout") and word is not None and position is not None and \
+            layer_norm is not None and dropout is not None and \
+            not _any_bypassed(word, position, layer_norm, dropout, *(() if token_type is None else (token_type,))):
         return fused
     spec = next(spec for spec in _ENCODER_SPECS.values() if spec.embeddings_class == type(module).__name__)
     if _encoder_parts_mismatch(module, spec) is not None or \
