@@ -133,7 +133,7 @@ def test_modules_replaced_after_the_swap_are_used(backend, family, kernel_launch
             assert fused_launches == 0
 
 
-def test_modules_replaced_after_compiling_are_used_in_the_compiled_graph(backend):
+def test_modules_replaced_after_compiling_are_used_in_the_compiled_graph(backend, kernel_launches):
     # Dynamo guards on the modules, so a replacement retraces: the new tables are looked up fused,
     # without building a module inside the traced region (a graph break, refused by fullgraph).
     torch._dynamo.reset()
@@ -147,7 +147,10 @@ def test_modules_replaced_after_compiling_are_used_in_the_compiled_graph(backend
         torch.manual_seed(7)
         model.tok_emb = nn.Embedding(61, 32, device=DEVICE)
         model.pos_emb = nn.Embedding(16, 32, device=DEVICE)
+    kernel_launches.clear()
     got = compiled(ids)
+    # Fused, not the unfused fallback (the interpreter's ops are opaque: their launches run eagerly).
+    assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
     torch.testing.assert_close(got, original(ids), rtol=1e-5, atol=1e-6)
     got.sum().backward()
     assert swapped.tok_emb.weight.grad is not None and swapped.pos_emb.weight.grad is not None
