@@ -176,9 +176,11 @@ def test_per_call_timing_alternates_and_tells_a_slower_call():
             while time.perf_counter() < end:
                 pass
         return run
-    timed = acceptance.per_call_ms({"fast": step("fast", 0.0005), "slow": step("slow", 0.0015)},
-                                   acceptance.Clock(torch.device("cpu")), rounds=4, sample_s=0.005)
-    assert timed["fast"][1] == pytest.approx(0.5, rel=0.5) and timed["slow"][1] > 2 * timed["fast"][1]
+    # Spins of 1 and 4 ms: the ratio holds with up to 2 ms of scheduling noise per call (a loaded
+    # 2-core machine once made 0.5 and 1.5 ms spins fail it).
+    timed = acceptance.per_call_ms({"fast": step("fast", 0.001), "slow": step("slow", 0.004)},
+                                   acceptance.Clock(torch.device("cpu")), rounds=4, sample_s=0.01)
+    assert timed["fast"][1] >= 0.95 and timed["slow"][1] > 2 * timed["fast"][1]
     assert all(q1 <= median <= q3 for q1, median, q3 in timed.values())
     # After the warm-up, the samples alternate: fast's block, slow's block, fast's block, ...
     blocks = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
