@@ -111,3 +111,41 @@ def test_bench_plot_without_matplotlib_fails_at_once_in_one_line(capsys, monkeyp
     assert captured.err.strip().splitlines() == [
         "tokemb-fast bench: --plot needs matplotlib, which is not installed: pip install 'tokemb-fast[bench]' "
         "(or run without --plot)"]
+
+
+def _latin1_file(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, environment, message", [
+    (["demo", "--device", "foo"], {}, "error: --device 'foo' is not a device"),
+    (["demo", "--device", ""], {}, "error: --device '' is not a device"),
+    (["demo", "--device", "meta"], {}, "error: --device meta: the demo runs on cpu or cuda"),
+    (["demo", "--text", "LATIN1"], {}, "not UTF-8 text"),
+    (["demo", "--seed", str(2 ** 70)], {}, r"--seed must be in 0 \.\. 2\*\*64 - 1"),
+    (["demo"], {"TOKEMB_FAST_BACKEND": "bogus"}, "error: no path can run on cpu: backend must be one of"),
+    (["bench", "--shapes", "seed"], {"TOKEMB_FAST_BACKEND": "bogus"}, "error: backend must be one of"),
+    (["bench", "--shapes", "seed", "--json", "MISSING/out.json"], {}, "error: --json .*: cannot write a file there"),
+    (["bench", "--shapes", "seed", "--plot", "TMP"], {}, "error: --plot .*: cannot write a file there"),
+])
+def test_bad_arguments_and_settings_exit_2_with_one_line_and_no_traceback(argv, environment, message, tmp_path,
+                                                                         monkeypatch, capsys):
+    # Each of these once ended in a Python traceback and exit status 1 (bench's paths only after the
+    # whole timing run). (TOKEMB_FAST_BACKEND=triton without the interpreter: test_info's twin.)
+    import re
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    argv = [{"LATIN1": _latin1_file(tmp_path), "MISSING/out.json": str(tmp_path / "missing" / "out.json"),
+             "TMP": str(tmp_path)}.get(arg, arg) for arg in argv]
+    if "--seed" in argv:  # (argparse's own error: SystemExit(2))
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        status = exited.value.code
+    else:
+        status = main(argv)
+    captured = capsys.readouterr()
+    assert status == 2
+    assert re.search(message, captured.err) and "Traceback" not in captured.err + captured.out
+    assert "tokemb-fast bench on" not in captured.out and "[1/" not in captured.err  # nothing was timed

@@ -232,6 +232,22 @@ def test_an_exported_program_holding_the_op_exports_to_onnx(backend, tmp_path):
     assert_same(torch.from_numpy(got), module(ids).detach().cpu())
 
 
+def test_bad_ids_in_onnxruntime_are_as_docs_shipping_says(tmp_path):
+    # docs/shipping.md: past the table, onnxruntime raises; a negative id counts from the end of the
+    # table (ONNX Gather's definition), with no error. (The docs once said every bad id raised.)
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the [export] extra (onnx, onnxscript, onnxruntime)")
+    module = FusedInputEmbedding(50, 8, 16).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    path = str(tmp_path / "embedding.onnx")
+    torch.onnx.export(module, (ids,), dynamo=True, verbose=False).save(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    (got,) = session.run(None, {name: torch.tensor([[1, -3, 3]]).numpy()})
+    assert torch.equal(torch.from_numpy(got), module(torch.tensor([[1, 47, 3]])).detach())
+    with pytest.raises(Exception, match="(?i)indices|out of bounds|invalid"):
+        session.run(None, {name: torch.tensor([[1, 50, 3]]).numpy()})
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (the exporter is PyTorch's legacy one, and says so)
 def test_the_torchscript_onnx_exporter_works_on_both_paths(backend, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime", reason="the [export] extra (onnx, onnxscript, onnxruntime)")

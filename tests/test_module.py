@@ -137,3 +137,22 @@ def test_from_embeddings_rejects_mismatch():
         FusedInputEmbedding.from_embeddings(nn.Embedding(5, 8), nn.Embedding(5, 4))
     with pytest.raises(TypeError, match="pos_emb must be an nn.Embedding, got Linear"):
         FusedInputEmbedding.from_embeddings(nn.Embedding(5, 8), nn.Linear(5, 8))
+
+
+@pytest.mark.parametrize("check_ids", [True, "sync", False])
+def test_the_plain_path_runs_on_meta_tensors_as_nn_embedding_does(check_ids):
+    # (Shapes only, e.g. for sizing a model before materialising it; the id check once tried to read
+    # the ids' values back from the meta device and raised NotImplementedError.)
+    from tokemb_fast import fused_encoder_embedding, fused_input_embedding
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    token_weight = torch.empty(13, 6, device="meta", requires_grad=True)
+    position_weight = torch.empty(8, 6, device="meta", requires_grad=True)
+    out = fused_input_embedding(ids, token_weight, position_weight, check_ids=check_ids, backend="torch")
+    assert out.shape == (2, 5, 6) and out.device.type == "meta"
+    out.sum().backward()
+    assert token_weight.grad.shape == (13, 6) and position_weight.grad.shape == (8, 6)
+    encoded = fused_encoder_embedding(ids, token_weight, position_weight, check_ids=check_ids, backend="torch")
+    assert encoded.shape == (2, 5, 6) and encoded.device.type == "meta"
+    with torch.device("meta"):
+        module = FusedInputEmbedding(13, 8, 6, check_ids=check_ids)
+    assert module(ids).shape == (2, 5, 6)

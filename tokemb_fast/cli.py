@@ -5,6 +5,7 @@
   tokemb-fast info     what a bug report needs: versions, device, which path a call takes
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -24,13 +25,39 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 
 
 def _best_device(name: str) -> Optional[torch.device]:
-    """The device to run on, or None (after saying why) for one that is not there."""
+    """The device to run on, or None (after saying why) for one that is not there, or that the
+    demo cannot run on, or whose path cannot run (TOKEMB_FAST_BACKEND)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {name} asked for, but no CUDA device is available", file=sys.stderr)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError) as error:
+            print(f"error: --device {name!r} is not a device ({error})", file=sys.stderr)
+            return None
+        if device.type not in ("cpu", "cuda"):
+            print(f"error: --device {name}: the demo runs on cpu or cuda (it reads the results back)", file=sys.stderr)
+            return None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print(f"error: --device {name} asked for, but no CUDA device is available", file=sys.stderr)
+            return None
+    try:
+        backend_name(device)
+    except (RuntimeError, ValueError) as error:  # e.g. TOKEMB_FAST_BACKEND=bogus, or triton without the interpreter
+        print(f"error: no path can run on {device}: {error}", file=sys.stderr)
         return None
-    return torch.device(name)
+    return device
+
+
+def _writable(path: str, flag: str) -> bool:
+    """Whether a file can be written at path (checked before a run that would lose its work)."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or \
+            (target.exists() and not os.access(target, os.W_OK)):
+        print(f"error: {flag} {path}: cannot write a file there", file=sys.stderr)
+        return False
+    return True
 
 
 def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -66,7 +93,11 @@ def run_demo(args: argparse.Namespace) -> int:
         if not path.is_file():
             print(f"error: --text {args.text}: no such file", file=sys.stderr)
             return 2
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as error:
+            print(f"error: --text {args.text}: not UTF-8 text ({error})", file=sys.stderr)
+            return 2
     device = _best_device(args.device)
     if device is None:
         return 2
@@ -165,6 +196,14 @@ class Progress:
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if (args.json and not _writable(args.json, "--json")) or (args.plot and not _writable(args.plot, "--plot")):
+        return 2
+    try:
+        backend_name("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
     if args.plot:
         try:  # before any timing: a missing plotting library must not cost a whole run
             import matplotlib  # noqa: F401
@@ -223,7 +262,6 @@ def _version_line() -> str:
 
 def run_info(args: argparse.Namespace) -> int:
     """Print what a bug report needs, in the spirit of python -m torch.utils.collect_env."""
-    import os
     import platform
     lines = [("tokemb-fast", __version__), ("python", f"{platform.python_version()} ({sys.executable})"),
              ("platform", platform.platform()), ("torch", torch.__version__)]
@@ -338,6 +376,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2 ** 64:  # (torch.manual_seed's range)
+        parser.error(f"--seed must be in 0 .. 2**64 - 1, got {seed}")
     return args.func(args)
 
 
