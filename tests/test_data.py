@@ -68,6 +68,20 @@ def test_dataset_rejects_bad_arguments():
         SlidingWindowDataset([1, 2, 3], max_length=1, stride=0)
     with pytest.raises(ValueError, match="the text has 3 tokens; a window of max_length=3 needs at least 4"):
         SlidingWindowDataset([1, 2, 3], max_length=3, stride=1)
+    # Silently taken once: floats truncated (1.5 -> 1), a batch flattened, negative ids, stride=True.
+    with pytest.raises(TypeError, match="token ids must be integers, got torch.float32"):
+        SlidingWindowDataset(torch.tensor([1.5, 2.0, 3.0, 4.0]), max_length=2, stride=1)
+    with pytest.raises(ValueError, match=r"one stream \(\[N\]\), got shape \(2, 3\)"):
+        SlidingWindowDataset(torch.arange(6).reshape(2, 3), max_length=2, stride=1)
+    with pytest.raises(ValueError, match="token ids must be >= 0, got -1"):
+        SlidingWindowDataset([1, -1, 3, 4], max_length=2, stride=1)
+    with pytest.raises(TypeError, match="stride must be an int, got bool"):
+        SlidingWindowDataset([1, 2, 3, 4], max_length=2, stride=True)
+    with pytest.raises(TypeError, match="max_length must be an int, got float"):
+        SlidingWindowDataset([1, 2, 3, 4], max_length=2.0, stride=1)
+    import numpy
+    windows = SlidingWindowDataset(numpy.arange(6, dtype=numpy.int32), max_length=numpy.int64(2), stride=numpy.int64(2))
+    assert len(windows) == 2 and windows[1][0].tolist() == [2, 3] and windows[1][0].dtype == torch.int64
 
 
 def test_shuffled_loader_is_seeded():

@@ -6,6 +6,7 @@ same encoding from the ranks shipped in ``tokemb_fast/assets`` so nothing touche
 import base64
 import functools
 import hashlib
+import operator
 from importlib import resources
 from typing import Optional, Sequence, Union
 
@@ -65,14 +66,24 @@ class SlidingWindowDataset(Dataset):
 
     def __init__(self, source: Union[str, Sequence[int], torch.Tensor], max_length: int, stride: int,
                  tokenizer=None):
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+        for name, value in (("max_length", max_length), ("stride", stride)):
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):  # (ints, NumPy's included)
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        max_length, stride = operator.index(max_length), operator.index(stride)
         if isinstance(source, str):
             tokenizer = tokenizer if tokenizer is not None else gpt2_encoding()
             source = tokenizer.encode(source, allowed_special={END_OF_TEXT})
-        self.token_ids = torch.as_tensor(source, dtype=torch.int64).reshape(-1)
+        ids = torch.as_tensor(source)
+        # One stream of token ids: floats (1.5 would become 1), bools or a batch are a caller's mistake.
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"token ids must be integers, got {ids.dtype}")
+        if ids.dim() > 1:
+            raise ValueError(f"token ids must be one stream ([N]), got shape {tuple(ids.shape)}")
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"token ids must be >= 0, got {int(ids.min())}")
+        self.token_ids = ids.to(torch.int64).reshape(-1)
         self.max_length = max_length
         self.stride = stride
         n_tokens = self.token_ids.numel()
