@@ -129,6 +129,9 @@ def _latin1_file(tmp_path):
     (["bench", "--shapes", "seed"], {"TOKEMB_FAST_BACKEND": "bogus"}, "error: backend must be one of"),
     (["bench", "--shapes", "seed", "--json", "MISSING/out.json"], {}, "error: --json .*: cannot write a file there"),
     (["bench", "--shapes", "seed", "--plot", "TMP"], {}, "error: --plot .*: cannot write a file there"),
+    (["bench", "--shapes", "seed", "--json", ""], {}, "error: --json '': cannot write a file there"),
+    (["bench", "--shapes", "seed", "--plot", "TMP/out.txt"], {}, r"error: --plot .*out.txt: matplotlib cannot write \.txt"),
+    (["demo", "--text", "EMPTY"], {}, "error: the text has 0 tokens"),
 ])
 def test_bad_arguments_and_settings_exit_2_with_one_line_and_no_traceback(argv, environment, message, tmp_path,
                                                                          monkeypatch, capsys):
@@ -137,8 +140,10 @@ def test_bad_arguments_and_settings_exit_2_with_one_line_and_no_traceback(argv, 
     import re
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
+    (tmp_path / "empty.txt").write_text("")
     argv = [{"LATIN1": _latin1_file(tmp_path), "MISSING/out.json": str(tmp_path / "missing" / "out.json"),
-             "TMP": str(tmp_path)}.get(arg, arg) for arg in argv]
+             "TMP": str(tmp_path), "TMP/out.txt": str(tmp_path / "out.txt"),
+             "EMPTY": str(tmp_path / "empty.txt")}.get(arg, arg) for arg in argv]
     if "--seed" in argv:  # (argparse's own error: SystemExit(2))
         with pytest.raises(SystemExit) as exited:
             main(argv)
@@ -149,3 +154,19 @@ def test_bad_arguments_and_settings_exit_2_with_one_line_and_no_traceback(argv, 
     assert status == 2
     assert re.search(message, captured.err) and "Traceback" not in captured.err + captured.out
     assert "tokemb-fast bench on" not in captured.out and "[1/" not in captured.err  # nothing was timed
+
+
+def test_an_existing_writable_file_in_a_read_only_folder_is_writable(tmp_path):
+    # (Once refused: the folder's permission was asked even for a file that exists.)
+    from tokemb_fast.cli import _writable
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    existing = folder / "b.json"
+    existing.write_text("{}")
+    folder.chmod(0o555)
+    try:
+        assert _writable(str(existing), "--json")
+        assert _writable(str(folder / "new.json"), "--json") == os.access(folder, os.W_OK)  # (root may write)
+        assert not _writable("", "--json") and not _writable(str(folder), "--json")
+    finally:
+        folder.chmod(0o755)

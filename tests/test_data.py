@@ -82,6 +82,15 @@ def test_dataset_rejects_bad_arguments():
     import numpy
     windows = SlidingWindowDataset(numpy.arange(6, dtype=numpy.int32), max_length=numpy.int64(2), stride=numpy.int64(2))
     assert len(windows) == 2 and windows[1][0].tolist() == [2, 3] and windows[1][0].dtype == torch.int64
+    # Unsigned ids (nanoGPT's uint16 train.bin) and empty input, each broken by the checks above once.
+    for dtype in (numpy.uint16, numpy.uint32, numpy.uint64):
+        windows = SlidingWindowDataset(numpy.arange(10, dtype=dtype), max_length=4, stride=1)
+        assert len(windows) == 6 and windows[5][1].tolist() == [6, 7, 8, 9]
+    with pytest.raises(ValueError, match="token ids must be < 2\\*\\*63"):
+        SlidingWindowDataset(numpy.array([2 ** 63 + 5, 1, 2, 3], dtype=numpy.uint64), max_length=2, stride=1)
+    for empty in ([], ""):
+        with pytest.raises(ValueError, match="the text has 0 tokens"):
+            SlidingWindowDataset(empty, max_length=2, stride=1)
 
 
 def test_shuffled_loader_is_seeded():

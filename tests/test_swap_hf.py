@@ -144,6 +144,55 @@ def test_a_call_in_another_thread_during_a_takeover_sees_old_or_new_modules_whol
         torch.testing.assert_close(results[name], expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_a_call_that_raises_leaves_the_lookups_plain():
+    # The base model's pre-hook arms the token lookup; a forward that raised before it (here:
+    # input_ids and inputs_embeds both given) once left it armed, and the next direct lookup of the
+    # token table in that thread returned the zero placeholder.
+    original, swapped = pair(GPT2Model)
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    with pytest.raises(ValueError):
+        swapped(input_ids=ids, inputs_embeds=torch.zeros(2, 6, 32, device=DEVICE))
+    torch.testing.assert_close(swapped.wte(ids), original.wte(ids), rtol=0, atol=0)
+    positions = torch.arange(6, device=DEVICE)
+    torch.testing.assert_close(swapped.wpe(positions), original.wpe(positions), rtol=0, atol=0)
+    torch.testing.assert_close(swapped(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state)
+
+
+def test_a_pre_hook_on_the_model_that_looks_up_tokens_sees_them():
+    # A forward pre-hook added to the model after the swap (logging its input embeddings) runs after
+    # the swap's: it once got the zero placeholder, and the model then counted the token rows twice.
+    original, swapped = pair(GPT2Model)
+    seen = {}
+    for name, model in (("original", original), ("swapped", swapped)):
+        model.register_forward_pre_hook(lambda module, args, kwargs, name=name: seen.__setitem__(
+            name, module.wte(kwargs["input_ids"]).detach()), with_kwargs=True)
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    torch.testing.assert_close(swapped(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(seen["swapped"], seen["original"], rtol=0, atol=0)
+
+
+def test_a_call_of_the_model_from_a_hook_inside_a_call_keeps_both_right():
+    # A global module hook on the token table that calls the model again: the inner call has its own
+    # frame, and the outer call's position lookup still gets the outer ids (it once ran plain, and the
+    # output lacked the token rows).
+    original, swapped = pair(GPT2Model)
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    inner = torch.randint(0, 61, (1, 3), device=DEVICE)
+    results = {}
+
+    def hook(module, args, output):
+        if module is swapped.wte and not results:
+            results["inner"] = None  # (once: the inner call's own lookup comes here too)
+            results["inner"] = swapped(input_ids=inner).last_hidden_state
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        outer = swapped(input_ids=ids).last_hidden_state
+    finally:
+        handle.remove()
+    torch.testing.assert_close(outer, original(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(results["inner"], original(input_ids=inner).last_hidden_state)
+
+
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compiles_fullgraph(compile_backend, monkeypatch):
     if compile_backend == "inductor" and DEVICE != "cuda":

@@ -50,14 +50,18 @@ def _best_device(name: str) -> Optional[torch.device]:
 
 
 def _writable(path: str, flag: str) -> bool:
-    """Whether a file can be written at path (checked before a run that would lose its work)."""
+    """Whether a file can be written at path (checked before a run that would lose its work): an
+    existing writable file, or a new one in a writable directory."""
     target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or \
-            (target.exists() and not os.access(target, os.W_OK)):
-        print(f"error: {flag} {path}: cannot write a file there", file=sys.stderr)
-        return False
-    return True
+    if not path or target.is_dir():
+        ok = False
+    elif target.exists():
+        ok = os.access(target, os.W_OK)
+    else:
+        ok = target.parent.is_dir() and os.access(target.parent, os.W_OK)
+    if not ok:
+        print(f"error: {flag} {path!r}: cannot write a file there", file=sys.stderr)
+    return ok
 
 
 def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -196,7 +200,8 @@ class Progress:
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    if (args.json and not _writable(args.json, "--json")) or (args.plot and not _writable(args.plot, "--plot")):
+    if (args.json is not None and not _writable(args.json, "--json")) or \
+            (args.plot is not None and not _writable(args.plot, "--plot")):
         return 2
     try:
         backend_name("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,6 +215,12 @@ def run_bench(args: argparse.Namespace) -> int:
         except ImportError:
             print("tokemb-fast bench: --plot needs matplotlib, which is not installed: "
                   "pip install 'tokemb-fast[bench]' (or run without --plot)", file=sys.stderr)
+            return 2
+        from matplotlib.backend_bases import FigureCanvasBase
+        suffix = Path(args.plot).suffix[1:].lower()
+        if suffix and suffix not in FigureCanvasBase.get_supported_filetypes():
+            print(f"error: --plot {args.plot}: matplotlib cannot write .{suffix} files (it writes "
+                  f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))})", file=sys.stderr)
             return 2
     env = bench.environment()
     shapes = [bench.SHAPES[name] for name in args.shapes]

@@ -77,13 +77,20 @@ class SlidingWindowDataset(Dataset):
             source = tokenizer.encode(source, allowed_special={END_OF_TEXT})
         ids = torch.as_tensor(source)
         # One stream of token ids: floats (1.5 would become 1), bools or a batch are a caller's mistake.
-        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        # (An empty one is not: it is too short, below, whatever dtype [] became.)
+        if ids.numel() and (ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex()):
             raise TypeError(f"token ids must be integers, got {ids.dtype}")
         if ids.dim() > 1:
             raise ValueError(f"token ids must be one stream ([N]), got shape {tuple(ids.shape)}")
+        if ids.dtype == torch.uint64:  # (has no max() of its own: its bits read as int64 instead)
+            ids = ids.contiguous().view(torch.int64)
+            if bool((ids < 0).any()):
+                raise ValueError("token ids must be < 2**63 (int64's range)")
+        # int64 first: unsigned ids (nanoGPT's uint16 train.bin) have no min() of their own.
+        ids = ids.to(torch.int64).reshape(-1)
         if ids.numel() and int(ids.min()) < 0:
             raise ValueError(f"token ids must be >= 0, got {int(ids.min())}")
-        self.token_ids = ids.to(torch.int64).reshape(-1)
+        self.token_ids = ids
         self.max_length = max_length
         self.stride = stride
         n_tokens = self.token_ids.numel()

@@ -543,13 +543,26 @@ def _hf_mismatch(model, spec: _HuggingFaceSpec) -> Optional[str]:
                   lambda: _no_hooks(position, spec.position, _hf_position_forward))
 
 
-class _HuggingFaceCall(threading.local):
-    """The call of the base model in progress, per thread: threads calling one model at once (an
-    inference server) each hand their own ids from the token lookup to the position lookup."""
+class _HuggingFaceFrame:
+    """One call of the base model: what its token lookup hands to its position lookup."""
 
-    input_ids = None
-    waiting = False  # the token lookup returned the placeholder; the position lookup is next
-    wrapped = (None, None, None)  # the state's (token, position, fused) when this call was armed
+    __slots__ = ("input_ids", "waiting", "wrapped")
+
+    def __init__(self, input_ids=None, wrapped=(None, None, None)):
+        self.input_ids = input_ids  # the ids to take over (None: this call is not fused)
+        self.waiting = False        # the token lookup returned the placeholder; the position lookup is next
+        self.wrapped = wrapped      # the state's (token, position, fused) when this call began
+
+
+class _HuggingFaceCall(threading.local):
+    """The calls of the base model in progress, per thread (threads calling one model at once, an
+    inference server, each hand their own ids from the token lookup to the position lookup), as a
+    stack: a call made inside another (from a hook) has its own frame and leaves the outer one as
+    it was. Pushed by the base model's pre-hook, popped by its always-called forward hook, so that
+    a call that raises leaves nothing armed."""
+
+    def __init__(self):
+        self.frames = []
 
 
 class _HuggingFaceState:
@@ -560,6 +573,7 @@ class _HuggingFaceState:
         self.check_ids = check_ids
         self.call = _HuggingFaceCall()
         self.wrapped = (None, None, None)
+        self.pops = True  # the base model has _hf_pop as an always-called forward hook
         self.attach(base)
 
     # (token, position, fused) is one attribute, replaced whole: a call reads one consistent triple.
@@ -573,8 +587,9 @@ class _HuggingFaceState:
         return state
 
     def __setstate__(self, state):
-        if "wrapped" not in state:  # pickled by 0.2.0 (before the triple)
+        if "wrapped" not in state:  # pickled by 0.2.0 (before the triple and the frames' pop hook)
             state["wrapped"] = (state.pop("token"), state.pop("position"), state.pop("fused"))
+            state["pops"] = False
         self.__dict__.update(state)
         self.call = _HuggingFaceCall()
 
@@ -592,7 +607,10 @@ class _HuggingFaceState:
 
 def _hf_arm(base, args, kwargs):
     state = base.__dict__[_HF_STATE]
-    call = state.call
+    frames = state.call.frames
+    if not state.pops:  # (a model pickled by 0.2.0: add the hook that pops the frames)
+        base.register_forward_hook(_hf_pop, with_kwargs=True, always_call=True)
+        state.pops = True
     token, position = getattr(base, state.spec.token), getattr(base, state.spec.position)
     wrapped = state.wrapped
     if token is not wrapped[0] or position is not wrapped[1]:
@@ -602,22 +620,30 @@ def _hf_arm(base, args, kwargs):
             state.attach(base)
             wrapped = state.wrapped
         else:
-            call.input_ids, call.waiting = None, False
+            frames.append(_HuggingFaceFrame())
             return
-    if _hooked(token) or _hooked(position):
-        # Hooks added since the swap: both lookups run as the modules' own calls this time.
-        call.input_ids, call.waiting = None, False
+    if _hooked(token) or _hooked(position) or len(base._forward_pre_hooks) > 1:
+        # Hooks added since the swap, on a table or (before the forward) on this model, which could
+        # look a table up themselves: this call's lookups run as the modules' own calls.
+        frames.append(_HuggingFaceFrame())
         return
-    call.input_ids = kwargs.get("input_ids", args[0] if args else None)
-    call.waiting = False
-    call.wrapped = wrapped
+    frames.append(_HuggingFaceFrame(kwargs.get("input_ids", args[0] if args else None), wrapped))
+
+
+def _hf_pop(base, args, kwargs, output):
+    frames = base.__dict__[_HF_STATE].call.frames
+    if frames:
+        frames.pop()
 
 
 def _hf_token_forward(module, state, input):
     # The first lookup after the base model's forward began is of its input_ids (perhaps reshaped:
     # GPT-2 views them as [-1, T]); token_type_ids come later, calls from outside the model are
     # not armed.
-    call = state.call
+    frames = state.call.frames
+    if not frames:
+        return type(module).forward(module, input)
+    call = frames[-1]
     armed = call.input_ids
     if armed is not None and not call.waiting and module is call.wrapped[0] and input.numel() == armed.numel() \
             and input.shape[-1] == armed.shape[-1]:
@@ -630,8 +656,9 @@ def _hf_token_forward(module, state, input):
 
 
 def _hf_position_forward(module, state, *args, **kwargs):
-    call = state.call
-    if not call.waiting or module is not call.wrapped[1]:
+    frames = state.call.frames
+    call = frames[-1] if frames else None
+    if call is None or not call.waiting or module is not call.wrapped[1]:
         return type(module).forward(module, *args, **kwargs)
     call.waiting = False
     input_ids, call.input_ids = call.input_ids, None  # (the ids as the token lookup got them)
@@ -656,7 +683,9 @@ def _hf_install(spec):
     def install(model, check_ids):
         base = _hf_base(model, spec)
         base.__dict__[_HF_STATE] = _HuggingFaceState(spec, base, check_ids)
-        base.register_forward_pre_hook(_hf_arm, with_kwargs=True)
+        # First among the pre-hooks (any other one is the user's: see _hf_arm); the pop always runs.
+        base.register_forward_pre_hook(_hf_arm, with_kwargs=True, prepend=True)
+        base.register_forward_hook(_hf_pop, with_kwargs=True, always_call=True)
     return install
 
 
