@@ -144,6 +144,27 @@ def test_a_call_in_another_thread_during_a_takeover_sees_old_or_new_modules_whol
         torch.testing.assert_close(results[name], expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_a_model_pickled_by_0_2_0_gets_the_frames_pop_hook_at_its_first_call():
+    # 0.2.0 pickled the state as token, position, fused, and registered no pop hook: made so here.
+    from tokemb_fast import swap
+    original, swapped = pair(GPT2Model)
+    state = swapped.__dict__["_tokemb_fast_hf"]
+    old = dict(state.__getstate__())
+    old["token"], old["position"], old["fused"] = old.pop("wrapped")
+    del old["pops"]
+    for hook_id, hook in list(swapped._forward_hooks.items()):
+        if hook is swap._hf_pop:
+            del swapped._forward_hooks[hook_id]
+    restored = type(state).__new__(type(state))
+    restored.__setstate__(old)
+    swapped.__dict__["_tokemb_fast_hf"] = restored
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    for _ in range(3):
+        torch.testing.assert_close(swapped(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state)
+    assert list(swapped._forward_hooks.values()).count(swap._hf_pop) == 1 and restored.call.frames == []
+    assert restored.fused.tok_emb is swapped.wte
+
+
 def test_a_call_that_raises_leaves_the_lookups_plain():
     # The base model's pre-hook arms the token lookup; a forward that raised before it (here:
     # input_ids and inputs_embeds both given) once left it armed, and the next direct lookup of the
