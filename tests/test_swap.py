@@ -103,11 +103,20 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(input) * 0.5
 
 
+def counting_fused_calls(monkeypatch):
+    """A list that gets one entry per FusedInputEmbedding call (the fused path on either backend)."""
+    from tokemb_fast import FusedInputEmbedding
+    calls, forward = [], FusedInputEmbedding.forward
+    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_modules_replaced_after_the_swap_are_used(backend, family, kernel_launches):
+def test_modules_replaced_after_the_swap_are_used(backend, family, kernel_launches, monkeypatch):
     # A new table or dropout assigned after the swap (a loader, a resized vocabulary, dropout off for
     # fine-tuning) is the model's: plain ones are fused in turn, others run as the original runs them.
     original, swapped = pair(family)
+    fused_calls = counting_fused_calls(monkeypatch)
     ids = torch.randint(0, 61, (2, 8), device=DEVICE)
     for replacement in ("plain", "subclass"):
         for model in (original, swapped):
@@ -119,8 +128,10 @@ def test_modules_replaced_after_the_swap_are_used(backend, family, kernel_launch
             setattr(holder, dropout, nn.Dropout(0.3))
             model.eval()  # (the two would draw different dropout masks)
         kernel_launches.clear()
+        fused_calls.clear()
         expected, got = logits_of(original, ids), logits_of(swapped, ids)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert len(fused_calls) == (1 if replacement == "plain" else 0)
         (got if isinstance(got, torch.Tensor) else got[0]).sum().backward()
         holder, (token, position, dropout) = embedding_parts(swapped)
         assert getattr(holder, token).weight.grad is not None and getattr(holder, position).weight.grad is not None

@@ -227,7 +227,8 @@ def test_hooks_added_after_the_swap_see_what_they_would_see_unswapped(backend, f
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("replaced", ["token", "position"])
-def test_one_table_replaced_after_the_swap_is_fused_in_turn(backend, family, replaced, kernel_launches):
+def test_one_table_replaced_after_the_swap_is_fused_in_turn(backend, family, replaced, kernel_launches,
+                                                            monkeypatch):
     # (Once the swap's own forward on the other table made every later call unfused.)
     original, swapped = pair(family)
     token_name, position_name = token_and_position_names(swapped)
@@ -240,7 +241,11 @@ def test_one_table_replaced_after_the_swap_is_fused_in_turn(backend, family, rep
         setattr(model.get_submodule(parent) if parent else model, attribute, new)
     ids, mask = left_padded()
     kernel_launches.clear()
+    from tokemb_fast import FusedInputEmbedding
+    fused_calls, forward = [], FusedInputEmbedding.forward
+    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: fused_calls.append(1) or forward(*a, **k))
     torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
                                original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
     assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
+    assert len(fused_calls) == 1  # (the fused path on either backend, not the modules' own lookups)
     assert token_and_position_names(swapped) == (token_name, position_name)
