@@ -144,24 +144,29 @@ def test_a_call_in_another_thread_during_a_takeover_sees_old_or_new_modules_whol
         torch.testing.assert_close(results[name], expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_a_model_pickled_by_0_2_0_gets_the_frames_pop_hook_at_its_first_call():
-    # 0.2.0 pickled the state as token, position, fused, and registered no pop hook: made so here.
-    from tokemb_fast import swap
+def test_a_model_pickled_by_0_2_0_gets_the_arming_forward_at_its_first_call():
+    # 0.2.0 pickled the state as token, position, fused, and armed calls from a forward pre-hook
+    # (_hf_arm), with the class's forward: made so here. Its first call runs plain, the next fused.
+    from tokemb_fast import FusedInputEmbedding, swap
     original, swapped = pair(GPT2Model)
     state = swapped.__dict__["_tokemb_fast_hf"]
     old = dict(state.__getstate__())
     old["token"], old["position"], old["fused"] = old.pop("wrapped")
-    del old["pops"]
-    for hook_id, hook in list(swapped._forward_hooks.items()):
-        if hook is swap._hf_pop:
-            del swapped._forward_hooks[hook_id]
-    restored = type(state).__new__(type(state))
-    restored.__setstate__(old)
-    swapped.__dict__["_tokemb_fast_hf"] = restored
+    state.__dict__.clear()  # (in place: the tables' forwards hold this very object, as after unpickling)
+    state.__setstate__(old)
+    restored = state
+    del swapped.__dict__["forward"]
+    swapped.register_forward_pre_hook(swap._hf_arm, with_kwargs=True)
     ids = torch.randint(0, 61, (2, 6), device=DEVICE)
-    for _ in range(3):
-        torch.testing.assert_close(swapped(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state)
-    assert list(swapped._forward_hooks.values()).count(swap._hf_pop) == 1 and restored.call.frames == []
+    fused_calls, forward = [], FusedInputEmbedding.forward
+    for call in range(3):
+        FusedInputEmbedding.forward = lambda *a, **k: fused_calls.append(call) or forward(*a, **k)
+        try:
+            got = swapped(input_ids=ids).last_hidden_state
+        finally:
+            FusedInputEmbedding.forward = forward
+        torch.testing.assert_close(got, original(input_ids=ids).last_hidden_state)
+    assert fused_calls == [1, 2] and restored.call.frames == []
     assert restored.fused.tok_emb is swapped.wte
 
 
@@ -179,10 +184,15 @@ def test_a_call_that_raises_leaves_the_lookups_plain():
     torch.testing.assert_close(swapped(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state)
 
 
-def test_a_pre_hook_on_the_model_that_looks_up_tokens_sees_them():
-    # A forward pre-hook added to the model after the swap (logging its input embeddings) runs after
-    # the swap's: it once got the zero placeholder, and the model then counted the token rows twice.
+def test_a_pre_hook_on_the_model_that_looks_up_tokens_sees_them(monkeypatch):
+    # A forward pre-hook added to the model after the swap (logging its input embeddings; FSDP2's
+    # unsharding is one too) runs outside the call's frame: it once got the zero placeholder, and
+    # the model then counted the token rows twice. The call itself stays fused.
+    from tokemb_fast import FusedInputEmbedding
+    fused_calls, forward = [], FusedInputEmbedding.forward
+    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: fused_calls.append(1) or forward(*a, **k))
     original, swapped = pair(GPT2Model)
+    fused_calls.clear()
     seen = {}
     for name, model in (("original", original), ("swapped", swapped)):
         model.register_forward_pre_hook(lambda module, args, kwargs, name=name: seen.__setitem__(
@@ -190,6 +200,7 @@ def test_a_pre_hook_on_the_model_that_looks_up_tokens_sees_them():
     ids = torch.randint(0, 61, (2, 6), device=DEVICE)
     torch.testing.assert_close(swapped(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state)
     torch.testing.assert_close(seen["swapped"], seen["original"], rtol=0, atol=0)
+    assert fused_calls == [1]
 
 
 def test_a_call_of_the_model_from_a_hook_inside_a_call_keeps_both_right():

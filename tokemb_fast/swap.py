@@ -558,8 +558,9 @@ class _HuggingFaceCall(threading.local):
     """The calls of the base model in progress, per thread (threads calling one model at once, an
     inference server, each hand their own ids from the token lookup to the position lookup), as a
     stack: a call made inside another (from a hook) has its own frame and leaves the outer one as
-    it was. Pushed by the base model's pre-hook, popped by its always-called forward hook, so that
-    a call that raises leaves nothing armed."""
+    it was. Pushed and popped by the base model's forward (_HuggingFaceForward), inside its hooks:
+    what its pre-hooks and forward hooks look up runs plain, and a call that raises leaves nothing
+    armed."""
 
     def __init__(self):
         self.frames = []
@@ -573,7 +574,6 @@ class _HuggingFaceState:
         self.check_ids = check_ids
         self.call = _HuggingFaceCall()
         self.wrapped = (None, None, None)
-        self.pops = True  # the base model has _hf_pop as an always-called forward hook
         self.attach(base)
 
     # (token, position, fused) is one attribute, replaced whole: a call reads one consistent triple.
@@ -587,9 +587,8 @@ class _HuggingFaceState:
         return state
 
     def __setstate__(self, state):
-        if "wrapped" not in state:  # pickled by 0.2.0 (before the triple and the frames' pop hook)
+        if "wrapped" not in state:  # pickled by 0.2.0 (before the triple; its base has _hf_arm)
             state["wrapped"] = (state.pop("token"), state.pop("position"), state.pop("fused"))
-            state["pops"] = False
         self.__dict__.update(state)
         self.call = _HuggingFaceCall()
 
@@ -605,35 +604,55 @@ class _HuggingFaceState:
         self.wrapped = (token, position, fused)
 
 
-def _hf_arm(base, args, kwargs):
-    state = base.__dict__[_HF_STATE]
-    frames = state.call.frames
-    if not state.pops:  # (a model pickled by 0.2.0: add the hook that pops the frames)
-        base.register_forward_hook(_hf_pop, with_kwargs=True, always_call=True)
-        state.pops = True
+class _HuggingFaceForward:
+    """The base model's forward, on its instance: its own forward, with this call's frame on the
+    stack while it runs. Arming here rather than in a pre-hook keeps every hook of the model (a
+    user's, FSDP2's) outside the frame."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, *args, **kwargs):
+        base = self.base
+        state = base.__dict__[_HF_STATE]
+        frames = state.call.frames
+        frames.append(_hf_frame(base, state, args, kwargs))
+        try:
+            return type(base).forward(base, *args, **kwargs)
+        finally:
+            frames.pop()
+
+    @property
+    def __signature__(self):  # (the model's own, for code that inspects model.forward)
+        return inspect.signature(type(self.base).forward.__get__(self.base))
+
+    def __reduce__(self):
+        return (_HuggingFaceForward, (self.base,))
+
+
+def _hf_frame(base, state, args, kwargs) -> _HuggingFaceFrame:
+    """This call's frame: armed with its input_ids, or inert where its lookups must run plain."""
     token, position = getattr(base, state.spec.token), getattr(base, state.spec.position)
     wrapped = state.wrapped
     if token is not wrapped[0] or position is not wrapped[1]:
         # Replaced since (set_input_embeddings, a weight loader): take over the new modules, if
         # they are still of a kind the fused op stands in for.
-        if _hf_mismatch(base, state.spec) is None:
-            state.attach(base)
-            wrapped = state.wrapped
-        else:
-            frames.append(_HuggingFaceFrame())
-            return
-    if _hooked(token) or _hooked(position) or len(base._forward_pre_hooks) > 1:
-        # Hooks added since the swap, on a table or (before the forward) on this model, which could
-        # look a table up themselves: this call's lookups run as the modules' own calls.
-        frames.append(_HuggingFaceFrame())
-        return
-    frames.append(_HuggingFaceFrame(kwargs.get("input_ids", args[0] if args else None), wrapped))
+        if _hf_mismatch(base, state.spec) is not None:
+            return _HuggingFaceFrame()
+        state.attach(base)
+        wrapped = state.wrapped
+    if _hooked(token) or _hooked(position):
+        return _HuggingFaceFrame()  # hooks added since the swap: the lookups run as the modules' own calls
+    return _HuggingFaceFrame(kwargs.get("input_ids", args[0] if args else None), wrapped)
 
 
-def _hf_pop(base, args, kwargs, output):
-    frames = base.__dict__[_HF_STATE].call.frames
-    if frames:
-        frames.pop()
+def _hf_arm(base, args, kwargs):
+    # The forward pre-hook of a model swapped by 0.2.0 (pickled then): give it the forward that arms
+    # (from its next call on; this one, begun already, runs plain).
+    if not isinstance(base.__dict__.get("forward"), _HuggingFaceForward):
+        base.forward = _HuggingFaceForward(base)
 
 
 def _hf_token_forward(module, state, input):
@@ -683,9 +702,7 @@ def _hf_install(spec):
     def install(model, check_ids):
         base = _hf_base(model, spec)
         base.__dict__[_HF_STATE] = _HuggingFaceState(spec, base, check_ids)
-        # First among the pre-hooks (any other one is the user's: see _hf_arm); the pop always runs.
-        base.register_forward_pre_hook(_hf_arm, with_kwargs=True, prepend=True)
-        base.register_forward_hook(_hf_pop, with_kwargs=True, always_call=True)
+        base.forward = _HuggingFaceForward(base)
     return install
 
 
