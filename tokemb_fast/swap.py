@@ -165,10 +165,9 @@ def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0, batched_p
     wrapped = fused._modules
     if wrapped["tok_emb"] is not tok_emb or wrapped["pos_emb"] is not pos_emb or wrapped["drop"] is not dropout \
             or _any_bypassed(tok_emb, pos_emb, dropout):
+        # (_plain: the kind, a forward of its own or replaced, forward or backward hooks.)
         if _first(lambda: _plain(tok_emb, nn.Embedding, "tok_emb"), lambda: _plain(pos_emb, nn.Embedding, "pos_emb"),
-                  lambda: _plain(dropout, nn.Dropout, "dropout"),
-                  lambda: "backward hooks" if _hooked(tok_emb) or _hooked(pos_emb) or _hooked(dropout) else None) \
-                is not None:
+                  lambda: _plain(dropout, nn.Dropout, "dropout")) is not None:
             positions = torch.arange(past_length, past_length + input_ids.shape[-1], device=input_ids.device)
             return dropout(tok_emb(input_ids) + pos_emb(positions[None] if batched_positions else positions))
         if torch.compiler.is_compiling():  # (no module is built in a traced region: the same call without one)
@@ -794,7 +793,6 @@ def _encoder_mismatch(model, spec: _EncoderSpec) -> Optional[str]:
 
 
 _ENCODER_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
-_ENCODER_PARTS = _ENCODER_TABLES + ("LayerNorm", "dropout")
 
 
 def _encoder_parts_mismatch(module, spec: _EncoderSpec) -> Optional[str]:
@@ -833,8 +831,7 @@ def _encoder_fused(module) -> Optional[Callable]:
             not _any_bypassed(word, position, layer_norm, dropout, *(() if token_type is None else (token_type,))):
         return fused
     spec = next(spec for spec in _ENCODER_SPECS.values() if spec.embeddings_class == type(module).__name__)
-    if _encoder_parts_mismatch(module, spec) is not None or \
-            any(_hooked(parts[name]) for name in _ENCODER_PARTS if parts.get(name) is not None):
+    if _encoder_parts_mismatch(module, spec) is not None:  # (its _plain checks: kinds, forwards, hooks)
         return None
     if torch.compiler.is_compiling():
         return functools.partial(encoder_lookup_with, parts, fused.pad_position_id, fused.check_ids, fused.backend)
