@@ -1,5 +1,6 @@
 """swap_input_embeddings on Hugging Face GPT-2 (tiny local configs, no hub downloads)."""
 import copy
+import inspect
 import io
 
 import pytest
@@ -168,6 +169,41 @@ def test_a_model_pickled_by_0_2_0_gets_the_arming_forward_at_its_first_call():
         torch.testing.assert_close(got, original(input_ids=ids).last_hidden_state)
     assert fused_calls == [1, 2] and restored.call.frames == []
     assert restored.fused.tok_emb is swapped.wte
+
+
+def test_a_forward_set_on_the_base_model_before_the_swap_still_runs(monkeypatch):
+    # (A wrapper such as accelerate's, or a compiled forward, set on the instance: the swap's own
+    # forward once replaced it, and it never ran again.)
+    from tokemb_fast import FusedInputEmbedding
+    fused_calls, forward = [], FusedInputEmbedding.forward
+    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: fused_calls.append(1) or forward(*a, **k))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config()).to(DEVICE).eval()
+    original = copy.deepcopy(model)
+    wrapped_calls, own_forward = [], model.transformer.forward
+
+    def wrapper(*args, **kwargs):
+        wrapped_calls.append(1)
+        return own_forward(*args, **kwargs)
+    model.transformer.forward = wrapper
+    swap_input_embeddings(model)
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    wrapped_calls.clear()
+    fused_calls.clear()
+    torch.testing.assert_close(output(model, input_ids=ids), output(original, input_ids=ids))
+    assert wrapped_calls == [1] and fused_calls == [1]
+
+
+def test_the_swapped_base_model_exports_on_its_own():
+    # torch.export reads model.forward's code and signature; an earlier form of the swap's forward
+    # (a callable object) had no __code__, and exporting GPT2Model itself failed.
+    original, swapped = pair(GPT2Model)
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    assert str(inspect.signature(swapped.forward)) == str(inspect.signature(original.forward))
+    program = torch.export.export(swapped, (), {"input_ids": ids, "use_cache": False})
+    other = torch.randint(0, 61, (2, 6), device=DEVICE)
+    torch.testing.assert_close(program.module()(input_ids=other, use_cache=False).last_hidden_state,
+                               original(input_ids=other, use_cache=False).last_hidden_state)
 
 
 def test_a_call_that_raises_leaves_the_lookups_plain():

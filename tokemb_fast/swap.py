@@ -557,7 +557,7 @@ class _HuggingFaceCall(threading.local):
     """The calls of the base model in progress, per thread (threads calling one model at once, an
     inference server, each hand their own ids from the token lookup to the position lookup), as a
     stack: a call made inside another (from a hook) has its own frame and leaves the outer one as
-    it was. Pushed and popped by the base model's forward (_HuggingFaceForward), inside its hooks:
+    it was. Pushed and popped by the base model's forward (_hf_forward), inside its hooks:
     what its pre-hooks and forward hooks look up runs plain, and a call that raises leaves nothing
     armed."""
 
@@ -603,32 +603,27 @@ class _HuggingFaceState:
         self.wrapped = (token, position, fused)
 
 
-class _HuggingFaceForward:
-    """The base model's forward, on its instance: its own forward, with this call's frame on the
-    stack while it runs. Arming here rather than in a pre-hook keeps every hook of the model (a
-    user's, FSDP2's) outside the frame."""
-
-    __slots__ = ("base",)
-
-    def __init__(self, base):
-        self.base = base
-
-    def __call__(self, *args, **kwargs):
-        base = self.base
-        state = base.__dict__[_HF_STATE]
-        frames = state.call.frames
-        frames.append(_hf_frame(base, state, args, kwargs))
-        try:
-            return type(base).forward(base, *args, **kwargs)
-        finally:
-            frames.pop()
+class _HuggingFaceForward(functools.partial):
+    """The base model's forward, on its instance: ``_hf_forward`` bound to the model and the forward
+    it had on its instance before the swap (None: the class's). A partial, as the other families'
+    forwards, for what special-cases those (torch.export); with the model's own signature."""
 
     @property
-    def __signature__(self):  # (the model's own, for code that inspects model.forward)
-        return inspect.signature(type(self.base).forward.__get__(self.base))
+    def __signature__(self):
+        base, inner = self.args[0], self.args[1]
+        return inspect.signature(inner if inner is not None else type(base).forward.__get__(base))
 
-    def __reduce__(self):
-        return (_HuggingFaceForward, (self.base,))
+
+def _hf_forward(base, inner, *args, **kwargs):
+    """The base model's call with this call's frame on the stack. Arming here rather than in a
+    pre-hook keeps every hook of the model (a user's, FSDP2's) outside the frame."""
+    state = base.__dict__[_HF_STATE]
+    frames = state.call.frames
+    frames.append(_hf_frame(base, state, args, kwargs))
+    try:
+        return inner(*args, **kwargs) if inner is not None else type(base).forward(base, *args, **kwargs)
+    finally:
+        frames.pop()
 
 
 def _hf_frame(base, state, args, kwargs) -> _HuggingFaceFrame:
@@ -651,7 +646,7 @@ def _hf_arm(base, args, kwargs):
     # The forward pre-hook of a model swapped by 0.2.0 (pickled then): give it the forward that arms
     # (from its next call on; this one, begun already, runs plain).
     if not isinstance(base.__dict__.get("forward"), _HuggingFaceForward):
-        base.forward = _HuggingFaceForward(base)
+        base.forward = _HuggingFaceForward(_hf_forward, base, base.__dict__.get("forward"))
 
 
 def _hf_token_forward(module, state, input):
@@ -701,7 +696,8 @@ def _hf_install(spec):
     def install(model, check_ids):
         base = _hf_base(model, spec)
         base.__dict__[_HF_STATE] = _HuggingFaceState(spec, base, check_ids)
-        base.forward = _HuggingFaceForward(base)
+        # (A forward set on the instance before, e.g. a wrapper, is kept and called inside.)
+        base.forward = _HuggingFaceForward(_hf_forward, base, base.__dict__.get("forward"))
     return install
 
 
