@@ -102,14 +102,10 @@ def _hooked(module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def _bypassed(module) -> bool:
-    """_hooked, or a forward replaced on the instance: what a fused call would skip of a module the
-    swap did not patch itself."""
-    return _hooked(module) or "forward" in module.__dict__
-
-
 def _any_bypassed(*modules) -> bool:
-    """_bypassed for any of ``modules``; checked at every call, so spelt out (about 0.1 us a module)."""
+    """Whether any of ``modules`` has what a fused call would skip of a module the swap did not patch
+    itself: _hooked's hooks, or a forward replaced on the instance. Checked at every call, so spelt
+    out (about 0.1 us a module)."""
     for module in modules:
         attributes = module.__dict__
         if attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"] \
@@ -173,7 +169,8 @@ def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0, batched_p
         if torch.compiler.is_compiling():  # (no module is built in a traced region: the same call without one)
             return lookup_with(tok_emb, pos_emb, dropout, fused.check_ids, fused.token_scale, fused.backend, input_ids,
                                None, past_length)
-        fused = FusedInputEmbedding.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=fused.check_ids)
+        fused = FusedInputEmbedding.from_embeddings(tok_emb, pos_emb, dropout=dropout, check_ids=fused.check_ids,
+                                                    token_scale=fused.token_scale, backend=fused.backend)
         model.__dict__[_FUSED] = fused
     return fused(input_ids, None, past_length)  # (positionally: keywords cost nn.Module's call ~0.3 us)
 
@@ -831,8 +828,8 @@ def _encoder_fused(module) -> Optional[Callable]:
         return None
     if torch.compiler.is_compiling():
         return functools.partial(encoder_lookup_with, parts, fused.pad_position_id, fused.check_ids, fused.backend)
-    fused = FusedEncoderEmbedding.from_embeddings(module, pad_position_id=module.padding_idx if spec.from_padding
-                                                  else None, check_ids=fused.check_ids)
+    fused = FusedEncoderEmbedding.from_embeddings(module, pad_position_id=fused.pad_position_id,
+                                                  check_ids=fused.check_ids, backend=fused.backend)
     module.__dict__[_FUSED] = fused
     return fused
 
