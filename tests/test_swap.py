@@ -203,6 +203,47 @@ def test_hooks_added_after_the_swap_run_as_in_the_original(backend, family, kern
     assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("cast", ["token", "position"])
+def test_one_table_cast_to_another_dtype_after_the_swap_runs_as_the_original(backend, family, cast, monkeypatch):
+    # The original's "+" promotes bf16 + fp32 to fp32 (the large token table kept in bf16, say);
+    # the fused op takes one dtype, so such calls run the original's arithmetic instead of raising.
+    # Cast back, the call is fused again.
+    original, swapped = pair(family)
+    fused_calls = counting_fused_calls(monkeypatch)
+    ids = torch.randint(0, 61, (2, 8), device=DEVICE)
+    for model in (original, swapped):
+        model.eval()
+        holder, (token, position, _) = embedding_parts(model)
+        getattr(holder, token if cast == "token" else position).to(torch.bfloat16)
+    try:
+        expected = logits_of(original, ids)
+    except RuntimeError as error:  # nanoGPT: the token table is its head's weight, tied
+        assert family == "nanogpt" and cast == "token", error
+        with pytest.raises(RuntimeError, match="same dtype"):
+            logits_of(swapped, ids)
+        assert fused_calls == []
+        return
+    got = logits_of(swapped, ids)
+    expected, got = (t if isinstance(t, torch.Tensor) else t[0] for t in (expected, got))
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert fused_calls == []
+    got.sum().backward()
+    expected.sum().backward()
+    holder, (token, position, _) = embedding_parts(swapped)
+    holder_original, _ = embedding_parts(original)
+    for name in (token, position):
+        torch.testing.assert_close(getattr(holder, name).weight.grad, getattr(holder_original, name).weight.grad,
+                                   rtol=0, atol=0)
+        assert getattr(holder, name).weight.grad.dtype == getattr(holder, name).weight.dtype
+    for model in (original, swapped):
+        holder, (token, position, _) = embedding_parts(model)
+        getattr(holder, token if cast == "token" else position).to(torch.float32)
+    torch.testing.assert_close(logits_of(swapped, ids), logits_of(original, ids), rtol=1e-5, atol=1e-6)
+    assert fused_calls == [1]
+
+
 @pytest.mark.parametrize("family", ["nanogpt", "mingpt"])
 def test_generation_gives_the_same_tokens(backend, family):
     original, swapped = pair(family)

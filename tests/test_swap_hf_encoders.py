@@ -222,6 +222,36 @@ def test_parts_replaced_or_hooked_after_the_swap_are_honoured(backend, family, k
         handle.remove()
 
 
+@pytest.mark.parametrize("family, cast", [
+    (family, cast) for family in FAMILIES for cast in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    if not (family == "distilbert" and cast == "token_type_embeddings")])  # (DistilBERT has no token types)
+def test_one_table_cast_to_another_dtype_after_the_swap_runs_as_the_original(backend, family, cast, monkeypatch):
+    # The original's sum promotes a bf16 table with fp32 ones; the fused op takes one dtype, so such
+    # calls run the module's own forward instead of raising. Cast back, they are fused again.
+    original, swapped = pair(family)
+    original, swapped = (getattr(model, builders()[family][1]) for model in (original, swapped))  # (heads: tied)
+    calls, forward = [], FusedEncoderEmbedding.forward
+    monkeypatch.setattr(FusedEncoderEmbedding, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    ids, mask = padded_batch()
+    for model in (original, swapped):
+        getattr(model.embeddings, cast).to(torch.bfloat16)
+    expected = original(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = swapped(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert calls == []
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    named = dict(swapped.named_parameters())
+    for name, parameter in original.named_parameters():
+        torch.testing.assert_close(named[name].grad, parameter.grad, rtol=0, atol=0, msg=name)
+    for model in (original, swapped):
+        getattr(model.embeddings, cast).to(torch.float32)
+    assert_matches(swapped(input_ids=ids, attention_mask=mask).last_hidden_state,
+                   original(input_ids=ids, attention_mask=mask).last_hidden_state, backend)
+    assert calls == [1]
+
+
 def test_parts_replaced_after_compiling_are_used_in_the_compiled_graph(backend, monkeypatch):
     torch._dynamo.reset()
     original, swapped = pair("bert")

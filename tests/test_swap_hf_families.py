@@ -152,6 +152,89 @@ def test_biogpt_scale_is_fused_not_a_separate_pass(backend, kernel_launches):
     assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)
 
 
+def test_a_biogpt_scale_set_after_the_swap_is_used(backend, monkeypatch):
+    # BioGPT's token module reads embed_scale at each call (scale_embedding off for a fine-tune, say).
+    original, swapped = pair("biogpt")
+    fused_calls = counting_fused_calls(monkeypatch)
+    for model in (original, swapped):
+        model.biogpt.embed_tokens.embed_scale = 1.0
+    ids = torch.randint(3, VOCAB, (2, 6), device=DEVICE)
+    torch.testing.assert_close(swapped(input_ids=ids).logits, original(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert fused_calls == [1] and swapped.biogpt.__dict__["_tokemb_fast_hf"].fused.token_scale == 1.0
+
+
+def counting_fused_calls(monkeypatch):
+    """A list with one entry per FusedInputEmbedding call (the fused path, on either backend)."""
+    from tokemb_fast import FusedInputEmbedding
+    calls, forward = [], FusedInputEmbedding.forward
+    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("patch", ["token wrapped", "position wrapped", "position replaced"])
+def test_forwards_wrapped_or_replaced_after_the_swap_are_honoured(backend, family, patch, monkeypatch):
+    # A forward set on a table's instance after the swap (accelerate's offloading wraps it, so does a
+    # NEFTune-style patch) is the model's: the call runs the modules' own lookups, through it. Once
+    # the swap's own forward is back, the call is fused again.
+    original, swapped = pair(family)
+    token_name, position_name = token_and_position_names(swapped)
+    fused_calls = counting_fused_calls(monkeypatch)
+    saved = {}
+    for model in (original, swapped):
+        module = model.get_submodule(token_name if patch.startswith("token") else position_name)
+        saved[id(model)] = module, module.__dict__.get("forward")
+        inner = module.forward
+        if patch == "token wrapped":
+            module.forward = lambda *args, inner=inner, **kwargs: inner(*args, **kwargs) * 2
+        elif patch == "position wrapped":
+            module.forward = lambda *args, inner=inner, **kwargs: inner(*args, **kwargs) * 0.5
+        else:  # (the class's own lookup, as a patch that fixes something would call it)
+            module.forward = lambda *args, module=module, **kwargs: type(module).forward(module, *args, **kwargs) + 1
+    ids, mask = left_padded()
+    torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
+                               original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert fused_calls == []
+    for model in (original, swapped):
+        module, forward = saved[id(model)]
+        if forward is None:
+            del module.forward
+        else:
+            module.forward = forward
+    torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
+                               original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert fused_calls == [1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cast", ["token", "position"])
+def test_one_table_cast_to_another_dtype_after_the_swap_runs_as_the_original(backend, family, cast, monkeypatch):
+    # The original's "+" promotes bf16 + fp32 to fp32; the fused op takes one dtype, so such calls
+    # run the modules' own lookups instead of raising. Cast back, they are fused again.
+    original, swapped = pair(family)
+    # The base models (a head tied to the token table would be cast with it and refuse fp32 input).
+    base_name = next(name for name, module in swapped.named_modules() if "_tokemb_fast_hf" in module.__dict__)
+    original, swapped = original.get_submodule(base_name), swapped.get_submodule(base_name)
+    token_name, position_name = token_and_position_names(swapped)
+    fused_calls = counting_fused_calls(monkeypatch)
+    ids, mask = left_padded()
+    for model in (original, swapped):
+        model.get_submodule(token_name if cast == "token" else position_name).to(torch.bfloat16)
+    expected = original(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = swapped(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert fused_calls == []
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    assert_same_gradients(original, swapped)
+    for model in (original, swapped):
+        model.get_submodule(token_name if cast == "token" else position_name).to(torch.float32)
+    torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               original(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert fused_calls == [1]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_direct_calls_of_the_embedding_modules_stay_plain(family):
     original, swapped = pair(family)

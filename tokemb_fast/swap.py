@@ -114,6 +114,20 @@ def _any_bypassed(*modules) -> bool:
     return False
 
 
+def _mixed_dtypes(token, position) -> bool:
+    """Whether the two tables now differ in dtype (one cast on its own after the swap, e.g. the
+    large token table kept in bf16): the original's "+" promotes, the fused op takes one dtype, so
+    such a call runs the original's arithmetic. Checked at every call, so spelt out (0.25 us)."""
+    # (A parameter's own dict first: nn.Module.__getattr__ costs 0.5 us. A parametrized weight is
+    # not there; a module without a weight is another kind, which the callers refuse anyway.)
+    token_weight, position_weight = token._parameters.get("weight"), position._parameters.get("weight")
+    if token_weight is None or position_weight is None:
+        token_weight, position_weight = getattr(token, "weight", None), getattr(position, "weight", None)
+        if token_weight is None or position_weight is None:
+            return False
+    return token_weight.dtype is not position_weight.dtype
+
+
 def _signature_mismatch(model, expected) -> Optional[str]:
     if "forward" in model.__dict__:
         return "its forward was replaced on the instance"
@@ -160,10 +174,10 @@ def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0, batched_p
     fused = model.__dict__[_FUSED]
     wrapped = fused._modules
     if wrapped["tok_emb"] is not tok_emb or wrapped["pos_emb"] is not pos_emb or wrapped["drop"] is not dropout \
-            or _any_bypassed(tok_emb, pos_emb, dropout):
+            or _any_bypassed(tok_emb, pos_emb, dropout) or _mixed_dtypes(tok_emb, pos_emb):
         # (_plain: the kind, a forward of its own or replaced, forward or backward hooks.)
         if _first(lambda: _plain(tok_emb, nn.Embedding, "tok_emb"), lambda: _plain(pos_emb, nn.Embedding, "pos_emb"),
-                  lambda: _plain(dropout, nn.Dropout, "dropout")) is not None:
+                  lambda: _plain(dropout, nn.Dropout, "dropout")) is not None or _mixed_dtypes(tok_emb, pos_emb):
             positions = torch.arange(past_length, past_length + input_ids.shape[-1], device=input_ids.device)
             return dropout(tok_emb(input_ids) + pos_emb(positions[None] if batched_positions else positions))
         if torch.compiler.is_compiling():  # (no module is built in a traced region: the same call without one)
@@ -627,16 +641,27 @@ def _hf_frame(base, state, args, kwargs) -> _HuggingFaceFrame:
     """This call's frame: armed with its input_ids, or inert where its lookups must run plain."""
     token, position = getattr(base, state.spec.token), getattr(base, state.spec.position)
     wrapped = state.wrapped
-    if token is not wrapped[0] or position is not wrapped[1]:
-        # Replaced since (set_input_embeddings, a weight loader): take over the new modules, if
-        # they are still of a kind the fused op stands in for.
+    if token is not wrapped[0] or position is not wrapped[1] or (
+            type(base).__name__ == "BioGptModel" and _hf_token_scale(base, token) != wrapped[2].token_scale):
+        # Replaced since (set_input_embeddings, a weight loader), or BioGPT's scale set anew, which
+        # its token module reads at each call: take over the modules as they are now, if they are
+        # still of a kind the fused op stands in for.
         if _hf_mismatch(base, state.spec) is not None:
             return _HuggingFaceFrame()
         state.attach(base)
         wrapped = state.wrapped
-    if _hooked(token) or _hooked(position):
-        return _HuggingFaceFrame()  # hooks added since the swap: the lookups run as the modules' own calls
+    if _hooked(token) or _hooked(position) or not _hf_own_forward(token, _hf_token_forward, state) \
+            or not _hf_own_forward(position, _hf_position_forward, state) or _mixed_dtypes(token, position):
+        # Hooks added since the swap, a forward replaced or wrapped on the instance (accelerate's
+        # offloading wraps it), tables of two dtypes: the lookups run as the modules' own calls.
+        return _HuggingFaceFrame()
     return _HuggingFaceFrame(kwargs.get("input_ids", args[0] if args else None), wrapped)
+
+
+def _hf_own_forward(module, function, state) -> bool:
+    """Whether module's forward is still the swap's own: a partial of function bound to state."""
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "func", None) is function and forward.args[1] is state
 
 
 def _hf_arm(base, args, kwargs):
@@ -821,10 +846,13 @@ def _encoder_fused(module) -> Optional[Callable]:
             token_type is wrapped.get("token_type_embeddings") and layer_norm is wrapped.get("LayerNorm") and \
             dropout is wrapped.get("dropout") and word is not None and position is not None and \
             layer_norm is not None and dropout is not None and \
-            not _any_bypassed(word, position, layer_norm, dropout, *(() if token_type is None else (token_type,))):
+            not _any_bypassed(word, position, layer_norm, dropout, *(() if token_type is None else (token_type,))) \
+            and not _encoder_mixed_dtypes(word, position, token_type):
         return fused
     spec = next(spec for spec in _ENCODER_SPECS.values() if spec.embeddings_class == type(module).__name__)
     if _encoder_parts_mismatch(module, spec) is not None:  # (its _plain checks: kinds, forwards, hooks)
+        return None
+    if _encoder_mixed_dtypes(word, position, token_type):
         return None
     if torch.compiler.is_compiling():
         return functools.partial(encoder_lookup_with, parts, fused.pad_position_id, fused.check_ids, fused.backend)
@@ -832,6 +860,11 @@ def _encoder_fused(module) -> Optional[Callable]:
                                                   check_ids=fused.check_ids, backend=fused.backend)
     module.__dict__[_FUSED] = fused
     return fused
+
+
+def _encoder_mixed_dtypes(word, position, token_type) -> bool:
+    # (See _mixed_dtypes: the original's sum promotes, the fused op takes one dtype.)
+    return _mixed_dtypes(word, position) or (token_type is not None and _mixed_dtypes(word, token_type))
 
 
 _SIGNATURES = {}
