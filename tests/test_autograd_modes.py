@@ -327,6 +327,22 @@ def test_sync_id_check_works_under_vmap():
         vmap(lambda i: ours(i, token_weight, position_weight, check_ids="sync"))(bad)
 
 
+@pytest.mark.parametrize("check_ids", [True, "sync"])
+@pytest.mark.parametrize("op", ["decoder", "encoder"])
+def test_a_bad_id_under_vmap_on_the_plain_path_raises_our_index_error(op, check_ids):
+    # The range check reads the ids on the host, which a vmapped tensor cannot hand over itself: it
+    # once raised "Cannot access data pointer of Tensor that doesn't have storage" instead.
+    from tokemb_fast import fused_encoder_embedding
+    token_weight, position_weight = (t.detach() for t in tables())
+    bad = torch.tensor([[1, 2], [3, 9]], device=DEVICE)
+    function = fused_input_embedding if op == "decoder" else fused_encoder_embedding
+    with pytest.raises(IndexError, match="token id 9 is out of range for vocab size 7"):
+        vmap(lambda i: function(i, token_weight, position_weight, check_ids=check_ids, backend="torch"))(bad)
+    with pytest.raises(IndexError, match="token id 9 is out of range for vocab size 7"):  # two levels
+        vmap(vmap(lambda i: function(i, token_weight, position_weight, check_ids=check_ids, backend="torch")))(
+            bad[None])
+
+
 @needs_kernels
 def test_module_under_torch_func_functional_call():
     module = FusedInputEmbedding(7, 6, 3, padding_idx=1, dtype=torch.float64).to(DEVICE)

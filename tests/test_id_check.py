@@ -125,6 +125,64 @@ def test_under_vmap_the_kernel_still_finds_bad_ids(module):
         check_ids_now()
 
 
+def _forward_ad(call, weight):
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(call(forward_ad.make_dual(weight, torch.ones_like(weight)))).primal
+
+
+# Calls under forward-mode AD and torch.func's transforms, by whether a backward comes for them.
+WITH_BACKWARD = {
+    "torch.func.grad": lambda call, weight: torch.func.grad(lambda w: call(w).nan_to_num().sum())(weight),
+    "torch.func.vjp, then its backward": lambda call, weight: torch.func.vjp(call, weight)[1](
+        torch.ones(1, 3, 4, device=TRITON_DEVICE)),
+    "torch.func.jacrev": lambda call, weight: torch.func.jacrev(call)(weight),
+}
+WITHOUT_BACKWARD = {
+    "forward-mode AD": _forward_ad,
+    "torch.func.jvp": lambda call, weight: torch.func.jvp(call, (weight,), (torch.ones_like(weight),)),
+    "torch.func.vjp, no backward": lambda call, weight: torch.func.vjp(call, weight),
+    "torch.func.vmap over ids": lambda call, weight: torch.func.vmap(
+        lambda ids: fused_input_embedding(ids, weight, call.positions))(torch.cat([good_ids(), bad_ids()])),
+}
+
+
+@pytest.mark.parametrize("transform", WITH_BACKWARD)
+def test_under_a_transform_with_a_backward_the_backward_raises(module, transform):
+    # torch.func runs setup_context once per level for one forward: the record must reach the
+    # context whose backward runs (it once reached only the inner one: no error, and a later
+    # unrelated call raised it instead).
+    positions = module.pos_emb.weight.detach()
+
+    def call(weight):
+        return fused_input_embedding(bad_ids(), weight, positions)
+    with pytest.raises(IndexError, match=TOKEN_ERROR):
+        WITH_BACKWARD[transform](call, module.tok_emb.weight.detach())
+    for _ in range(2):  # raised once, where it belonged: later calls are clear
+        with torch.no_grad():
+            module(good_ids())
+    check_ids_now()
+
+
+@pytest.mark.parametrize("transform", WITHOUT_BACKWARD)
+def test_under_a_transform_without_a_backward_the_next_call_raises(module, transform):
+    # No backward comes (forward-mode AD, jvp, vmap): as for an inference call, the thread's next
+    # call raises (it was once left for a backward that never came, and raised calls later).
+    positions = module.pos_emb.weight.detach()
+
+    def call(weight):
+        return fused_input_embedding(bad_ids(), weight, positions)
+    call.positions = positions
+    WITHOUT_BACKWARD[transform](call, module.tok_emb.weight.detach())
+    with pytest.raises(IndexError, match=r"token id 12 is out of range"):
+        with torch.no_grad():
+            module(good_ids())
+    for _ in range(2):
+        with torch.no_grad():
+            module(good_ids())
+    check_ids_now()
+
+
 @requires_cuda
 def test_checked_forward_does_not_wait_for_the_gpu(module):
     # Behind a queued sleep of ~50 ms, a forward that synced with the queue would take that long.

@@ -191,14 +191,27 @@ def run_forward(input_ids, token_weight, position_weight, position_ids, options:
 
 
 _checked = {}
-# fused_input_embedding checked this call already: it leaves the options it built here, and the
-# Function's forward skips its own checks when it finds them.
-_state = threading.local()
+
+
+class _CallState(threading.local):
+    """What one thread's call hands from one step to the next (class attributes: the defaults, so that
+    reading one that was never set costs no AttributeError)."""
+
+    #: fused_input_embedding checked this call already: it leaves the options it built here, and
+    #: the Function's forward skips its own checks when it finds them.
+    checked_options = None
+    #: The forward's id-check record, for setup_context (which cannot see the forward's locals).
+    record = None
+    #: Inside a torch.func transform's apply (see _apply).
+    transformed = False
+
+
+_state = _CallState()
 
 
 def _check_call(input_ids, token_weight, position_weight, position_ids, options, dropout_seed) -> None:
     """The checks of fused_input_embedding, for direct callers of the Function; cached per key."""
-    if getattr(_state, "checked_options", None) is options:
+    if _state.checked_options is options:
         _state.checked_options = None
         return
     if torch.compiler.is_compiling():
@@ -254,9 +267,19 @@ def _apply(cls, args, n_arguments):
     # on this project's CPU, more than the rest of a call) whenever setup_context is defined. With
     # every argument given positionally there is nothing to bind, and outside torch.func
     # transforms the rest of its path is this line.
-    if len(args) == n_arguments and not torch._C._are_functorch_transforms_active():
+    transformed = torch._C._are_functorch_transforms_active()
+    if len(args) == n_arguments and not transformed:
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
-    return super(cls, cls).apply(*args)
+    if not transformed or _state.transformed:
+        return super(cls, cls).apply(*args)
+    # A torch.func transform. Its levels are popped while the forward runs, so the forward cannot
+    # see it: it is told through _state (see _FusedInputEmbedding.forward and setup_context).
+    _state.transformed = True
+    try:
+        return super(cls, cls).apply(*args)
+    finally:
+        _state.transformed = False
+        _state.record = None
 
 
 def _backward(ctx, grad_out, options, table_shapes):
@@ -292,20 +315,29 @@ class _FusedInputEmbedding(torch.autograd.Function):
     def forward(input_ids, token_weight, position_weight, position_ids=None, options=_DEFAULT_OPTIONS,
                 dropout_seed=None):
         _check_call(input_ids, token_weight, position_weight, position_ids, options, dropout_seed)
+        # A backward checks this call's ids before any gradient exists. Where none may come
+        # (forward-mode AD; torch.func's jvp, vmap), the thread's next call checks them, as it
+        # does an inference call's; a backward that comes first (torch.func.grad) still does.
+        # (Traced by torch.compile or export: no record, and no state of this module is touched.)
+        compiling = torch.compiler.is_compiling()
+        no_backward = not compiling and (_state.transformed or _forward_ad_active())
         out, record = run_forward(input_ids, token_weight, position_weight, position_ids, options, dropout_seed,
-                                  wait_at_next_call=False)
-        if record is not None:
+                                  wait_at_next_call=no_backward)
+        if not compiling:
             _state.record = record
         return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input_ids, token_weight, position_weight, position_ids, options, dropout_seed = inputs
-        # The forward hands its id-check record over through _state (it cannot see ctx).
+        # The forward hands its id-check record over through _state (it cannot see ctx). Under a
+        # torch.func transform setup_context runs once per level for one forward, and the backward
+        # that comes is the outer level's: each gets the record (_apply drops it afterwards).
         ctx.id_record = None
         if not torch.compiler.is_compiling():
-            ctx.id_record = getattr(_state, "record", None)
-            _state.record = None
+            ctx.id_record = _state.record
+            if not _state.transformed:
+                _state.record = None
         ctx.save_for_backward(input_ids, position_ids, dropout_seed)
         if _forward_ad_active() or _in_transform():
             ctx.save_for_forward(input_ids, position_ids, dropout_seed)

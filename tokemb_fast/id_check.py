@@ -144,7 +144,8 @@ class _Guard:
         another thread must not clear the flag between the launch and its copy here."""
         event = None
         if self.cuda:
-            self.host.copy_(self.flag, non_blocking=True)
+            with torch._C._DisableFuncTorch():  # (see _clear)
+                self.host.copy_(self.flag, non_blocking=True)
             event = self.free_events.pop() if self.free_events else torch.cuda.Event()
             event.record()
         record = _Record(self, event, wait_at_next_call)
@@ -218,11 +219,13 @@ class _Guard:
             pass
 
     def _clear(self) -> None:
-        # On the guard's own stream: ordered after its launches, before its next ones.
-        with self._on_stream():
+        # On the guard's own stream: ordered after its launches, before its next ones. Outside any
+        # torch.func transform: a backward under torch.func.grad checks (and clears) from inside
+        # one, which would refuse an in-place op on a tensor it did not make.
+        with self._on_stream(), torch._C._DisableFuncTorch():
             self.flag.zero_()
-        if self.cuda:
-            self.host.zero_()
+            if self.cuda:
+                self.host.zero_()
 
 
 class _no_context:

@@ -181,6 +181,17 @@ def check_table_options(table: str, num_rows: int, padding_idx, max_norm, norm_t
     return padding_idx
 
 
+def check_pad_position_id(pad_position_id) -> None:
+    """RoBERTa's pad token id, from which the encoder op makes positions, or None (no such positions)."""
+    if pad_position_id is None:
+        return
+    if isinstance(pad_position_id, bool) or not isinstance(pad_position_id, int):
+        raise TypeError(f"pad_position_id must be an int (the pad token id) or None, got "
+                        f"{type(pad_position_id).__name__}")
+    if pad_position_id < 0:
+        raise ValueError(f"pad_position_id must be the pad token id (>= 0) or None, got {pad_position_id}")
+
+
 def check_dropout(dropout_p, name: str = "dropout_p") -> float:
     """Dropout probability as a float in [0, 1] (name: the argument's, for the message)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
@@ -188,6 +199,15 @@ def check_dropout(dropout_p, name: str = "dropout_p") -> float:
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {dropout_p}")
     return float(dropout_p)
+
+
+def _readable(tensor: torch.Tensor) -> torch.Tensor:
+    """The values under any torch.func wrappers (ids batched by vmap: every batch's), which a
+    wrapper cannot hand to the host itself."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor) or functorch.is_batchedtensor(tensor):
+        tensor = functorch.get_unwrapped(tensor)
+    return tensor
 
 
 def check_id_ranges(input_ids, vocab_size, position_ids, num_positions, token_type_ids=None, num_types=0) -> None:
@@ -198,7 +218,9 @@ def check_id_ranges(input_ids, vocab_size, position_ids, num_positions, token_ty
         (token_type_ids, num_types, token_type_error)) if ids is not None and ids.numel() > 0]
     if not checked or input_ids.device.type == "meta":
         return  # (meta tensors have no values to check, nor does nn.Embedding check them there)
-    bounds = torch.stack([part.to(torch.int64) for ids, _, _ in checked for part in torch.aminmax(ids)]).tolist()
+    with torch._C._DisableFuncTorch():
+        bounds = torch.stack([part.to(torch.int64) for ids, _, _ in checked
+                              for part in torch.aminmax(_readable(ids))]).tolist()
     for (_, num_rows, error), low, high in zip(checked, bounds[0::2], bounds[1::2]):
         if low < 0 or high >= num_rows:
             raise IndexError(error(low if low < 0 else high, num_rows))
