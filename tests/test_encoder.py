@@ -207,6 +207,110 @@ def test_the_module_loads_a_hugging_face_state_dict_and_matches_bert_embeddings(
     assert "token_types=3" in repr(module)
 
 
+@pytest.mark.parametrize("token_types", ["given", "default (all type 0)"])
+def test_the_padding_row_of_every_table_gets_no_gradient(backend, token_types):
+    # nn.Embedding's padding_idx on each table, the token-type one included (it was once ignored
+    # there: its padding row got a gradient); negative indices count from the end.
+    weights = tables()
+    ids = torch.randint(0, VOCAB, (3, 9), device=DEVICE)
+    ids[0, :2] = 5
+    types = torch.randint(0, TYPES, (3, 9), device=DEVICE) if token_types == "given" else None
+    padding = dict(padding_idx=5, position_padding_idx=-POSITIONS + 2, token_type_padding_idx=0)
+    grad_out = torch.randn(3, 9, DIM, device=DEVICE)
+    expected, expected_grads = exact(ids, weights, grad_out, token_type_ids=types, padding_idx=5,
+                                     position_padding_idx=2, token_type_padding_idx=0)
+    out = call(ids, weights, token_type_ids=types, backend=backend, **padding)
+    torch.testing.assert_close(out.double(), expected, **LN_TOLERANCE[torch.float32])
+    out.backward(grad_out)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(weights[name].grad.double(), grad, **LN_TOLERANCE[torch.float32], msg=name)
+    for name, row in (("word_weight", 5), ("position_weight", 2), ("token_type_weight", 0)):
+        assert torch.equal(weights[name].grad[row], torch.zeros(DIM, device=DEVICE)), name
+    if token_types == "given":
+        assert weights["token_type_weight"].grad[1:].abs().sum() > 0
+    # Double backward (the differentiable gradients) honours them too.
+    for tensor in weights.values():
+        tensor.grad = None
+    out = call(ids, weights, token_type_ids=types, backend=backend, **padding)
+    grads = torch.autograd.grad(out, [weights["token_type_weight"], weights["word_weight"]], grad_out,
+                                create_graph=True)
+    assert torch.equal(grads[0][0].detach(), torch.zeros(DIM, device=DEVICE))
+    assert torch.equal(grads[1][5].detach(), torch.zeros(DIM, device=DEVICE))
+
+
+def test_the_module_takes_the_token_type_tables_padding_idx(backend):
+    torch.manual_seed(0)
+    module = FusedEncoderEmbedding(VOCAB, POSITIONS, DIM, type_vocab_size=TYPES, token_type_padding_idx=1,
+                                   backend=backend).to(DEVICE)
+    assert module.token_type_embeddings.padding_idx == 1
+    wrapped = FusedEncoderEmbedding.from_embeddings(
+        word_embeddings=module.word_embeddings, position_embeddings=module.position_embeddings,
+        token_type_embeddings=module.token_type_embeddings, layer_norm=module.LayerNorm, backend=backend)
+    ids = torch.randint(0, VOCAB, (2, 6), device=DEVICE)
+    types = torch.tensor([[0, 1, 2, 1, 0, 1]] * 2, device=DEVICE)
+    wrapped(ids, types).square().sum().backward()
+    assert torch.equal(module.token_type_embeddings.weight.grad[1], torch.zeros(DIM, device=DEVICE))
+    assert module.token_type_embeddings.weight.grad[[0, 2]].abs().sum() > 0
+    with pytest.raises(ValueError, match="token_type_padding_idx was given but there is no token-type table"):
+        FusedEncoderEmbedding(VOCAB, POSITIONS, DIM, type_vocab_size=0, token_type_padding_idx=0)
+    with pytest.raises(ValueError, match="token type padding_idx 3 is outside the token type table of 3 rows"):
+        FusedEncoderEmbedding(VOCAB, POSITIONS, DIM, type_vocab_size=3, token_type_padding_idx=3)
+    weights = tables(types=0)
+    with pytest.raises(ValueError, match="token_type_padding_idx was given but there is no token_type_weight"):
+        call(ids, weights, token_type_padding_idx=0, backend=backend)
+
+
+def test_batched_upstream_gradients_match_one_at_a_time(backend):
+    # autograd.grad(is_grads_batched=True), jacobian(vectorize=True) and gradcheck's
+    # check_batched_grad hand the backward a batched gradient without storage; the kernels cannot
+    # read one (they once failed: "Cannot access data pointer"), PyTorch's ops can.
+    weights = tables(torch.float64)
+    ids = torch.randint(0, VOCAB, (2, 5), device=DEVICE)
+    types = torch.randint(0, TYPES, (2, 5), device=DEVICE)
+    out = call(ids, weights, token_type_ids=types, backend=backend)
+    upstream = torch.randn(3, *out.shape, dtype=torch.float64, device=DEVICE)
+    leaves = [weights["word_weight"], weights["token_type_weight"], weights["layer_norm_weight"]]
+    batched = torch.autograd.grad(out, leaves, upstream, retain_graph=True, is_grads_batched=True)
+    for index in range(3):
+        one = torch.autograd.grad(out, leaves, upstream[index], retain_graph=True)
+        for got, expected in zip(batched, one):
+            torch.testing.assert_close(got[index], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_norm_parameters_take_the_tables_dtype_or_fp32_for_half_tables(backend):
+    # PyTorch's layer_norm rule, on both paths alike (the kernels once took any float dtype, the plain
+    # path raised PyTorch's "mixed dtype (CPU)").
+    ids = torch.randint(0, VOCAB, (2, 5), device=DEVICE)
+    weights = tables()
+    weights["layer_norm_weight"] = weights["layer_norm_weight"].detach().double()
+    with pytest.raises(ValueError, match="layer_norm_weight is torch.float64 but the tables are torch.float32"):
+        call(ids, weights, backend=backend)
+    half = tables()  # bf16 tables; the LayerNorm's parameters stay fp32 (mixed precision)
+    for name in ("word_weight", "position_weight", "token_type_weight"):
+        half[name] = half[name].detach().to(torch.bfloat16).requires_grad_()
+    out = call(ids, half, backend=backend)
+    assert out.dtype == torch.bfloat16
+    expected, expected_grads = exact(ids, half, torch.ones(2, 5, DIM, device=DEVICE))
+    torch.testing.assert_close(out.double(), expected, **LN_TOLERANCE[torch.bfloat16])
+    out.float().sum().backward()
+    assert half["layer_norm_weight"].grad.dtype == torch.float32 and half["word_weight"].grad.dtype == torch.bfloat16
+    torch.testing.assert_close(half["layer_norm_weight"].grad.double(), expected_grads["layer_norm_weight"],
+                               rtol=2 ** -6, atol=5e-2)
+
+
+def test_numpy_eps_and_a_negative_pad_position_id(backend):
+    import numpy as np
+    weights = tables(requires_grad=False)
+    ids = torch.randint(0, VOCAB, (2, 5), device=DEVICE)
+    # A numpy eps, as an nn.LayerNorm built from a config may hold, is a number like any other.
+    torch.testing.assert_close(call(ids, weights, layer_norm_eps=np.float32(1e-5), backend=backend),
+                               call(ids, weights, layer_norm_eps=float(np.float32(1e-5)), backend=backend))
+    with pytest.raises(ValueError, match=r"pad_position_id must be the pad token id \(>= 0\) or None, got -1"):
+        call(ids, weights, pad_position_id=-1, backend=backend)
+    with pytest.raises(ValueError, match=r"pad_position_id must be the pad token id \(>= 0\) or None, got -2"):
+        FusedEncoderEmbedding(VOCAB, POSITIONS, DIM, pad_position_id=-2)
+
+
 def test_from_embeddings_refuses_what_the_op_does_not_do():
     word, position = torch.nn.Embedding(10, 4, max_norm=1.0), torch.nn.Embedding(6, 4)
     with pytest.raises(ValueError, match="word_embeddings has max_norm set, which the encoder op does not support"):

@@ -123,9 +123,16 @@ CASES = {
          r"token type id 2 is out of range for a token-type table of 2 rows"),
         (lambda: encoder_call(ZERO, token_type_ids=ids(-1, 0, 1)), IndexError, r"token type id -1 is out of range"),
     ],
-    "the encoder op: `token_type_ids` without a token-type table, or of the wrong shape; a token-type table of "
-    "another dtype, device or D; a LayerNorm weight or bias not a floating-point `[D]` tensor on the tables' "
-    "device, or given with `layer_norm=False`; `layer_norm_eps` negative or not finite": [
+    "the encoder op: `token_type_ids` or `token_type_padding_idx` without a token-type table, or ids of the wrong "
+    "shape; a token-type table of another dtype, device or D; a LayerNorm weight or bias not a floating-point `[D]` "
+    "tensor on the tables' device, of another dtype than the tables' (fp32 with fp16/bf16 tables excepted, as "
+    "PyTorch's layer_norm allows), or given with `layer_norm=False`; `layer_norm_eps` negative or not finite; "
+    "`pad_position_id` negative": [
+        (lambda: encoder_call(ZERO, None, token_type_padding_idx=0), ValueError,
+         "token_type_padding_idx was given but there is no token_type_weight"),
+        (lambda: encoder_call(ZERO, layer_norm_weight=torch.ones(4, dtype=torch.float64, device=TRITON_DEVICE)),
+         ValueError, "layer_norm_weight is torch.float64 but the tables are torch.float32"),
+        (lambda: encoder_call(ZERO, pad_position_id=-1), ValueError, "pad_position_id must be the pad token id"),
         (lambda: encoder_call(ZERO, None, token_type_ids=ZERO), ValueError,
          "token_type_ids were given but there is no token_type_weight"),
         (lambda: encoder_call(ZERO, token_type_ids=torch.zeros(5, dtype=torch.int64, device=TRITON_DEVICE)),

@@ -16,6 +16,7 @@ Autograd: backward through the kernels; double backward (``create_graph=True``) 
 the forward in PyTorch's ops (with the kernel's dropout mask) and differentiating that; forward-mode
 AD and torch.func transforms take the plain composition on the tables' device from the start.
 """
+import numbers
 import threading
 from typing import NamedTuple, Optional
 
@@ -29,7 +30,7 @@ from .functional import _backend_variable, resolve_backend
 from .options import check_mode
 from .reference import default_position_ids, encoder_embedding_reference, positions_from_padding
 from .validation import (check_dense, check_dropout, check_id_ranges, check_ids_like_positions, check_inputs,
-                         check_table_options)
+                         check_pad_position_id, check_table_options)
 
 _encoder_ops = None
 
@@ -56,6 +57,8 @@ class EncoderOptions(NamedTuple):
     layer_norm_eps: float = 1e-12
     dropout_p: float = 0.0
     check_ids: object = True
+    #: The token-type table's row that gets no gradient (>= 0), or None. (Last: added in 0.3.)
+    token_type_padding_idx: Optional[int] = None
 
 
 class _Prepared(NamedTuple):
@@ -88,6 +91,7 @@ def fused_encoder_embedding(
     pad_position_id: Optional[int] = None,
     padding_idx: Optional[int] = None,
     position_padding_idx: Optional[int] = None,
+    token_type_padding_idx: Optional[int] = None,
     dropout_p: float = 0.0,
     training: bool = True,
     check_ids=True,
@@ -107,7 +111,8 @@ def fused_encoder_embedding(
             pad_position_id), computed in the kernel.
         layer_norm, layer_norm_weight, layer_norm_bias, layer_norm_eps: the LayerNorm of the sum
             (statistics in fp32, fp64 for fp64 tables); weight and bias [D] or None.
-        padding_idx, position_padding_idx: rows of the word and position tables that get no gradient.
+        padding_idx, position_padding_idx, token_type_padding_idx: rows of the word, position and
+            token-type tables that get no gradient (negative: counted from the end), as nn.Embedding's.
         dropout_p, training: dropout of the result, fused (mask regenerated in the backward).
         check_ids, backend: as ``fused_input_embedding``'s; token-type ids are checked too.
 
@@ -115,7 +120,7 @@ def fused_encoder_embedding(
         [T, D] or [B, T, D] in the tables' dtype.
     """
     options = (past_length, pad_position_id, padding_idx, position_padding_idx, layer_norm, layer_norm_eps,
-               dropout_p if training else 0.0, check_ids)
+               dropout_p if training else 0.0, check_ids, token_type_padding_idx)
     tensors = (input_ids, word_weight, position_weight, token_type_weight, token_type_ids, position_ids,
                layer_norm_weight, layer_norm_bias)
     try:
@@ -166,14 +171,12 @@ def fused_encoder_embedding(
 
 def _prepare(input_ids, word_weight, position_weight, token_type_weight, token_type_ids, position_ids,
              layer_norm_weight, layer_norm_bias, past_length, pad_position_id, padding_idx, position_padding_idx,
-             layer_norm, layer_norm_eps, dropout_p, check_ids, backend) -> _Prepared:
+             layer_norm, layer_norm_eps, dropout_p, check_ids, token_type_padding_idx, backend) -> _Prepared:
     """Every check that does not read tensor values (a clear exception, or what the call needs)."""
     if not isinstance(word_weight, torch.Tensor):
         raise TypeError(f"word_weight must be a torch.Tensor, got {type(word_weight).__name__}")
     use_triton = resolve_backend(backend, word_weight.device) == "triton"
-    if pad_position_id is not None and (isinstance(pad_position_id, bool) or not isinstance(pad_position_id, int)):
-        raise TypeError(f"pad_position_id must be an int (the pad token id) or None, got "
-                        f"{type(pad_position_id).__name__}")
+    check_pad_position_id(pad_position_id)
     try:
         check_inputs(input_ids, word_weight, position_weight, position_ids, past_length,
                      default_positions=pad_position_id is None)
@@ -210,15 +213,27 @@ def _prepare(input_ids, word_weight, position_weight, token_type_weight, token_t
             raise ValueError(f"{name} must be a floating-point [{dim}] tensor on {word_weight.device} (the "
                              f"embedding_dim), got a {tensor.dtype} tensor of shape {tuple(tensor.shape)} on "
                              f"{tensor.device}")
-    if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, (int, float)) or \
+        # PyTorch's layer_norm takes parameters of its input's dtype, or fp32 ones for a half-precision
+        # input (mixed precision keeps norms in fp32); anything else it refuses on one device or another.
+        if tensor.dtype != word_weight.dtype and not (
+                tensor.dtype == torch.float32 and word_weight.dtype in (torch.float16, torch.bfloat16)):
+            raise ValueError(f"{name} is {tensor.dtype} but the tables are {word_weight.dtype}: the LayerNorm's "
+                             f"parameters must have the tables' dtype, or be float32 for float16/bfloat16 tables")
+    if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real) or \
             not 0 <= layer_norm_eps < float("inf"):
         raise ValueError(f"layer_norm_eps must be a finite number >= 0, got {layer_norm_eps!r}")
     padding_idx = check_table_options("word", word_weight.shape[0], padding_idx, None, 2.0)
     position_padding_idx = check_table_options("position", position_weight.shape[0], position_padding_idx, None, 2.0)
+    if token_type_padding_idx is not None and token_type_weight is None:
+        raise ValueError("token_type_padding_idx was given but there is no token_type_weight")
+    if token_type_weight is not None:
+        token_type_padding_idx = check_table_options("token type", token_type_weight.shape[0], token_type_padding_idx,
+                                                     None, 2.0)
     dropout_p = check_dropout(dropout_p)
     check_ids = check_mode(check_ids)
     options = EncoderOptions(past_length, -1 if pad_position_id is None else pad_position_id, padding_idx,
-                             position_padding_idx, layer_norm, float(layer_norm_eps), dropout_p, check_ids)
+                             position_padding_idx, layer_norm, float(layer_norm_eps), dropout_p, check_ids,
+                             token_type_padding_idx)
     name = "torch" if not use_triton else "triton-interpreter" if word_weight.device.type == "cpu" else "triton"
     return _Prepared(use_triton, name, options)
 
@@ -281,7 +296,7 @@ def _reference(input_ids, word_weight, position_weight, token_type_weight, token
         input_ids, word_weight, position_weight, token_type_weight, token_type_ids, positions,
         layer_norm=options.layer_norm, layer_norm_weight=layer_norm_weight, layer_norm_bias=layer_norm_bias,
         layer_norm_eps=options.layer_norm_eps, padding_idx=options.padding_idx,
-        position_padding_idx=options.position_padding_idx)
+        position_padding_idx=options.position_padding_idx, token_type_padding_idx=options.token_type_padding_idx)
 
 
 # --- the Triton path -------------------------------------------------------------------------------
@@ -333,7 +348,9 @@ class FusedEncoderEmbeddingFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if grad_out is None:
             return (None,) * 10
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or _legacy_batched(grad_out)):
+            # Double backward (differentiable gradients), or batched upstream gradients
+            # (is_grads_batched, gradcheck's check_batched_grad: no storage for a kernel): PyTorch's ops.
             grads = _differentiable_backward(grad_out, input_ids, word_weight, position_weight, token_type_weight,
                                              token_type_ids, position_ids, layer_norm_weight, layer_norm_bias, seed,
                                              options, needs)
@@ -434,9 +451,11 @@ def _kernel_backward(grad_out, mean, rstd, input_ids, word_weight, position_weig
         if token_type_ids is None:  # every row looked up type 0: its gradient is the sum of all rows
             accumulate = torch.float64 if grad_sum.dtype == torch.float64 else torch.float32
             token_type = torch.zeros_like(token_type_weight)
-            token_type[0] = grad_sum.reshape(-1, grad_sum.shape[-1]).sum(0, dtype=accumulate).to(grad_sum.dtype)
+            if options.token_type_padding_idx != 0:
+                token_type[0] = grad_sum.reshape(-1, grad_sum.shape[-1]).sum(0, dtype=accumulate).to(grad_sum.dtype)
         else:
-            token_type = table_grad(token_type_ids.expand(batch, -1), token_type_weight.shape[0], None)
+            token_type = table_grad(token_type_ids.expand(batch, -1), token_type_weight.shape[0],
+                                    options.token_type_padding_idx)
     ln_weight = grad_ln_weight.to(ln_parameters[0].dtype) if needs[6] and layer_norm_weight is not None else None
     ln_bias = grad_ln_bias.to(ln_parameters[1].dtype) if needs[7] and layer_norm_bias is not None else None
     return word, position, token_type, ln_weight, ln_bias

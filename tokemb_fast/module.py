@@ -15,7 +15,7 @@ from .encoder import fused_encoder_embedding
 from .encoder import last_backend as encoder_last_backend
 from .functional import BACKENDS, _fused, backend_name, last_backend
 from .options import check_mode
-from .validation import check_dropout, check_table_options, check_token_scale
+from .validation import check_dropout, check_pad_position_id, check_table_options, check_token_scale
 
 POSITION_KINDS = ("learned", "sinusoidal")
 
@@ -260,6 +260,7 @@ def encoder_lookup_with(parts, pad_position_id: Optional[int], check_ids, backen
         layer_norm_bias=None if layer_norm is None else layer_norm.bias,
         layer_norm_eps=1e-12 if layer_norm is None else layer_norm.eps, pad_position_id=pad_position_id,
         padding_idx=word.padding_idx, position_padding_idx=position.padding_idx,
+        token_type_padding_idx=None if token_type is None else token_type.padding_idx,
         dropout_p=drop.p if drop.training else 0.0, check_ids=check_ids, backend=backend)
 
 
@@ -296,7 +297,8 @@ class FusedEncoderEmbedding(nn.Module):
     Args:
         vocab_size, max_position_embeddings, hidden_size: the tables' rows and D.
         type_vocab_size: rows of the token-type table (BERT's 2); 0 or None: no token types (DistilBERT).
-        padding_idx, position_padding_idx: rows of the word and position tables that get no gradient.
+        padding_idx, position_padding_idx, token_type_padding_idx: rows of the word, position and
+            token-type tables that get no gradient.
         pad_position_id: RoBERTa's positions, made from the padding with this pad token id when no
             position_ids are given (see ``fused_encoder_embedding``); None: past_length + arange(T).
         layer_norm, layer_norm_eps: the LayerNorm of the sum (True: with weight and bias).
@@ -310,7 +312,7 @@ class FusedEncoderEmbedding(nn.Module):
     def __init__(self, vocab_size: int, max_position_embeddings: int, hidden_size: int, *,
                  type_vocab_size: Optional[int] = 2, padding_idx: Optional[int] = None,
                  position_padding_idx: Optional[int] = None, pad_position_id: Optional[int] = None,
-                 layer_norm: bool = True, layer_norm_eps: float = 1e-12, dropout: float = 0.0, check_ids=True,
+                 token_type_padding_idx: Optional[int] = None, layer_norm: bool = True, layer_norm_eps: float = 1e-12, dropout: float = 0.0, check_ids=True,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
@@ -319,16 +321,18 @@ class FusedEncoderEmbedding(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx, **factory)
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size,
                                                 padding_idx=position_padding_idx, **factory)
-        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size, **factory) if type_vocab_size \
-            else None
+        if token_type_padding_idx is not None and not type_vocab_size:
+            raise ValueError("token_type_padding_idx was given but there is no token-type table (type_vocab_size)")
+        if type_vocab_size:
+            check_table_options("token type", type_vocab_size, token_type_padding_idx, None, 2.0)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size, padding_idx=token_type_padding_idx,
+                                                  **factory) if type_vocab_size else None
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps, **factory) if layer_norm else None
         self._set_call_options(dropout, pad_position_id, check_ids, backend)
 
     def _set_call_options(self, dropout, pad_position_id, check_ids, backend) -> None:
         self.dropout = _as_dropout(dropout)
-        if pad_position_id is not None and (isinstance(pad_position_id, bool) or not isinstance(pad_position_id, int)):
-            raise TypeError(f"pad_position_id must be an int (the pad token id) or None, got "
-                            f"{type(pad_position_id).__name__}")
+        check_pad_position_id(pad_position_id)
         self.pad_position_id = pad_position_id
         self.check_ids = check_mode(check_ids)
         self.backend = _module_backend(backend)

@@ -89,6 +89,7 @@ def encoder_embedding_reference(
     pad_position_id: Optional[int] = None,
     padding_idx: Optional[int] = None,
     position_padding_idx: Optional[int] = None,
+    token_type_padding_idx: Optional[int] = None,
 ) -> torch.Tensor:
     """The encoder families' embedding before its dropout, as Hugging Face's BertEmbeddings computes it:
     ``LayerNorm(word[ids] + token_type[token_type_ids] + position[positions])``, added in that order.
@@ -104,7 +105,7 @@ def encoder_embedding_reference(
     if token_type_weight is not None:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        embeddings = embeddings + F.embedding(token_type_ids, token_type_weight)
+        embeddings = embeddings + F.embedding(token_type_ids, token_type_weight, token_type_padding_idx)
     embeddings = embeddings + F.embedding(position_ids, position_weight, position_padding_idx)
     if layer_norm:
         embeddings = F.layer_norm(embeddings, (word_weight.shape[1],), layer_norm_weight, layer_norm_bias,
