@@ -46,7 +46,11 @@ def test_demo_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--batch-size", "0"])
     err = capsys.readouterr().err
-    assert "no such file" in err and "--batch-size must be >= 1" in err
+    assert "no such file" in err and "tokemb-fast demo: error: --batch-size must be >= 1" in err
+    assert "usage: tokemb-fast demo " in err  # (the command's own usage, as for argparse's own errors)
+    with pytest.raises(SystemExit):
+        main(["demo", "--seed", "-1"])
+    assert "tokemb-fast demo: error: --seed must be in 0 .. 2**64 - 1" in capsys.readouterr().err
 
 
 def test_demo_fails_on_parity_mismatch(monkeypatch, capsys):

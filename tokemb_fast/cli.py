@@ -362,14 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="id distributions: uniform, zipf, equal (skewed ones time fused and eager only; "
                             "default uniform)")
     bench.add_argument("--json", metavar="FILE", help="also write every row and the environment as JSON")
-    bench.add_argument("--plot", metavar="FILE.png", help="also plot achieved bandwidth against the floor "
-                                                           "(needs matplotlib: the [bench] extra)")
+    bench.add_argument("--plot", metavar="FILE.png", help="also plot achieved bandwidth against the floor (on CPU, "
+                                                           "where bandwidth says little: the median time per call "
+                                                           "of each implementation; needs matplotlib: the [bench] "
+                                                           "extra)")
     bench.set_defaults(func=run_bench)
     info = sub.add_parser("info", help="print versions, devices and which path a call takes (for bug reports)",
                           description="Print what a bug report needs: tokemb-fast, Python, torch, Triton, CUDA and "
                                       "transformers versions, the GPUs, the environment variables that choose a "
                                       "path, and which path a call on each device takes.")
     info.set_defaults(func=run_info)
+    parser.commands = {"demo": demo, "bench": bench, "info": info}  # (main's checks: the command's own usage)
     return parser
 
 
@@ -383,13 +386,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import SHAPES
         args.shapes_default = args.shapes is None
         args.shapes = args.shapes or list(SHAPES)
+    command = parser.commands[args.command]
     for name in ("batch_size", "max_length", "stride", "embedding_dim", "repeats"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            command.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2 ** 64:  # (torch.manual_seed's range)
-        parser.error(f"--seed must be in 0 .. 2**64 - 1, got {seed}")
+        command.error(f"--seed must be in 0 .. 2**64 - 1, got {seed}")
     return args.func(args)
 
 
