@@ -285,6 +285,11 @@ def test_layer_norm_parameters_take_the_tables_dtype_or_fp32_for_half_tables(bac
     weights["layer_norm_weight"] = weights["layer_norm_weight"].detach().double()
     with pytest.raises(ValueError, match="layer_norm_weight is torch.float64 but the tables are torch.float32"):
         call(ids, weights, backend=backend)
+    mixed = tables()  # bf16 tables, an fp32 weight and a bf16 bias: each allowed alone, not together
+    for name in ("word_weight", "position_weight", "token_type_weight", "layer_norm_bias"):
+        mixed[name] = mixed[name].detach().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="layer_norm_weight is torch.float32 but layer_norm_bias is torch.bfloat16"):
+        call(ids, mixed, backend=backend)
     half = tables()  # bf16 tables; the LayerNorm's parameters stay fp32 (mixed precision)
     for name in ("word_weight", "position_weight", "token_type_weight"):
         half[name] = half[name].detach().to(torch.bfloat16).requires_grad_()

@@ -137,6 +137,10 @@ WITH_BACKWARD = {
     "torch.func.vjp, then its backward": lambda call, weight: torch.func.vjp(call, weight)[1](
         torch.ones(1, 3, 4, device=TRITON_DEVICE)),
     "torch.func.jacrev": lambda call, weight: torch.func.jacrev(call)(weight),
+    # (The jvp rule's own unchecked call once dropped the record the outer level was still to take.)
+    "torch.func.hessian": lambda call, weight: torch.func.hessian(lambda w: call(w).nan_to_num().pow(2).sum())(weight),
+    "jacfwd(jacrev)": lambda call, weight: torch.func.jacfwd(torch.func.jacrev(
+        lambda w: call(w).nan_to_num().pow(2).sum()))(weight),
 }
 WITHOUT_BACKWARD = {
     "forward-mode AD": _forward_ad,

@@ -163,6 +163,28 @@ def test_a_biogpt_scale_set_after_the_swap_is_used(backend, monkeypatch):
     assert fused_calls == [1] and swapped.biogpt.__dict__["_tokemb_fast_hf"].fused.token_scale == 1.0
 
 
+@pytest.mark.parametrize("scale", ["a learnable tensor", "inf"])
+def test_a_biogpt_scale_the_fused_op_cannot_take_runs_as_the_original(backend, scale, monkeypatch):
+    # A tensor scale (learnable: its gradient must flow; read at each call it would sync a GPU) or a
+    # non-finite one: those calls run the modules' own lookups, as the original does.
+    original, swapped = pair("biogpt")
+    fused_calls = counting_fused_calls(monkeypatch)
+    for model in (original, swapped):
+        model.biogpt.embed_tokens.embed_scale = torch.nn.Parameter(torch.tensor(2.0, device=DEVICE)) \
+            if scale == "a learnable tensor" else float("inf")
+    ids = torch.randint(3, VOCAB, (2, 6), device=DEVICE)
+    expected, got = original(input_ids=ids).logits, swapped(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert fused_calls == []
+    if scale == "a learnable tensor":
+        expected.square().mean().backward()
+        got.square().mean().backward()
+        assert_same_gradients(original, swapped)  # (embed_scale's own gradient included)
+        assert swapped.biogpt.embed_tokens.embed_scale.grad is not None
+    with pytest.raises(TypeError, match="embed_scale.* is a tensor or not a finite number"):
+        swap_input_embeddings(copy.deepcopy(original))
+
+
 def counting_fused_calls(monkeypatch):
     """A list with one entry per FusedInputEmbedding call (the fused path, on either backend)."""
     from tokemb_fast import FusedInputEmbedding

@@ -323,7 +323,9 @@ class _FusedInputEmbedding(torch.autograd.Function):
         no_backward = not compiling and (_state.transformed or _forward_ad_active())
         out, record = run_forward(input_ids, token_weight, position_weight, position_ids, options, dropout_seed,
                                   wait_at_next_call=no_backward)
-        if not compiling:
+        if not compiling and (record is not None or not _state.transformed):
+            # (Under a transform, a nested unchecked call, the jvp rule's own, must not drop the record
+            # an outer level's setup_context is still to take: hessian's, jacfwd(jacrev)'s.)
             _state.record = record
         return out
 

@@ -219,6 +219,10 @@ def _prepare(input_ids, word_weight, position_weight, token_type_weight, token_t
                 tensor.dtype == torch.float32 and word_weight.dtype in (torch.float16, torch.bfloat16)):
             raise ValueError(f"{name} is {tensor.dtype} but the tables are {word_weight.dtype}: the LayerNorm's "
                              f"parameters must have the tables' dtype, or be float32 for float16/bfloat16 tables")
+    if layer_norm_weight is not None and layer_norm_bias is not None and \
+            layer_norm_weight.dtype != layer_norm_bias.dtype:
+        raise ValueError(f"layer_norm_weight is {layer_norm_weight.dtype} but layer_norm_bias is "
+                         f"{layer_norm_bias.dtype}: the LayerNorm's parameters must have one dtype")
     if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real) or \
             not 0 <= layer_norm_eps < float("inf"):
         raise ValueError(f"layer_norm_eps must be a finite number >= 0, got {layer_norm_eps!r}")

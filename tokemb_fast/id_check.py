@@ -143,9 +143,8 @@ class _Guard:
         """Record a launch. The caller holds ``self.lock`` from before the launch: a check in
         another thread must not clear the flag between the launch and its copy here."""
         event = None
-        if self.cuda:
-            with torch._C._DisableFuncTorch():  # (see _clear)
-                self.host.copy_(self.flag, non_blocking=True)
+        if self.cuda:  # (every checked launch: no torch.func level is active here, the forward runs below them)
+            self.host.copy_(self.flag, non_blocking=True)
             event = self.free_events.pop() if self.free_events else torch.cuda.Event()
             event.record()
         record = _Record(self, event, wait_at_next_call)

@@ -21,6 +21,8 @@ import contextlib
 import functools
 import inspect
 import itertools
+import math
+import numbers
 import threading
 from typing import Callable, List, NamedTuple, Optional
 
@@ -520,12 +522,24 @@ def _hf_base(model, spec: _HuggingFaceSpec):
     return None
 
 
-def _hf_token_scale(base, token) -> float:
+def _hf_token_scale(base, token) -> Optional[float]:
+    """The token rows' scale as a number (1.0: none), or None where the fused op cannot stand in for
+    it: a tensor (a learnable scale would lose its gradient, and reading one at each call would sync
+    a GPU) or a number that is not finite."""
     # BioGPT: 5.x's BioGptScaledWordEmbedding scales in its forward; 4.x's base model after it.
-    scale = getattr(token, "embed_scale", None)
-    if scale is None and type(base).__name__ == "BioGptModel":
-        scale = getattr(base, "embed_scale", None)
-    return 1.0 if scale is None else float(scale)
+    # (The modules' dicts, not getattr: a missing attribute costs nn.Module.__getattr__ 1.5 us.)
+    scale = None
+    for module in (token, base) if type(base).__name__ == "BioGptModel" else (token,):
+        if "embed_scale" in module._parameters or "embed_scale" in module._buffers:
+            return None
+        scale = module.__dict__.get("embed_scale")
+        if scale is not None:
+            break
+    if scale is None:
+        return 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        return None
+    return float(scale)
 
 
 def _hf_mismatch(model, spec: _HuggingFaceSpec) -> Optional[str]:
@@ -549,6 +563,8 @@ def _hf_mismatch(model, spec: _HuggingFaceSpec) -> Optional[str]:
     first = _parameters(_forward_of(base))[:1]
     if not first or first[0].split("=")[0] != "input_ids":
         return "its forward does not take input_ids first"
+    if _hf_token_scale(base, token) is None:
+        return "its token scale (embed_scale) is a tensor or not a finite number"
     return _first(lambda: _no_hooks(token, spec.token, _hf_token_forward),
                   lambda: _no_hooks(position, spec.position, _hf_position_forward))
 
