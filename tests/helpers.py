@@ -1,9 +1,10 @@
-"""Shared test helpers: float64 oracles, tolerances, id distributions, output poisoning."""
+"""Shared test helpers: float64 oracles, tolerances, id distributions, output poisoning, counted
+fused calls."""
 import contextlib
 
 import torch
 
-from tokemb_fast import input_embedding_reference
+from tokemb_fast import FusedInputEmbedding, input_embedding_reference
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -87,3 +88,12 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty = original
+
+
+def counting_fused_calls(monkeypatch, module_class=FusedInputEmbedding):
+    """A list that gets one entry per call of module_class's forward (FusedInputEmbedding, or
+    FusedEncoderEmbedding): a swapped model's fused path on either backend, told apart from its
+    unfused fallback, which gives the same outputs."""
+    calls, forward = [], module_class.forward
+    monkeypatch.setattr(module_class, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls

@@ -9,6 +9,7 @@ from torch import nn
 
 from conftest import TRITON_DEVICE, launches_of
 from gpt_models import GPTModel, GPTModelKV, GPTModelKVOptimized, MinGPT, NanoGPT, generate_with_cache
+from helpers import counting_fused_calls
 from tokemb_fast import swap_input_embeddings
 
 DEVICE = TRITON_DEVICE.type
@@ -101,14 +102,6 @@ def embedding_parts(model):
 class ScaledEmbedding(nn.Embedding):
     def forward(self, input):
         return super().forward(input) * 0.5
-
-
-def counting_fused_calls(monkeypatch):
-    """A list that gets one entry per FusedInputEmbedding call (the fused path on either backend)."""
-    from tokemb_fast import FusedInputEmbedding
-    calls, forward = [], FusedInputEmbedding.forward
-    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    return calls
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

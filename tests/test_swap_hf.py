@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers", reason="the [hf] extra (trans
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
 
 from conftest import TRITON_DEVICE, launches_of
+from helpers import counting_fused_calls  # noqa: E402
 from tokemb_fast import swap_input_embeddings, triton_ops  # noqa: E402
 
 DEVICE = TRITON_DEVICE.type
@@ -174,9 +175,7 @@ def test_a_model_pickled_by_0_2_0_gets_the_arming_forward_at_its_first_call():
 def test_a_forward_set_on_the_base_model_before_the_swap_still_runs(monkeypatch):
     # (A wrapper such as accelerate's, or a compiled forward, set on the instance: the swap's own
     # forward once replaced it, and it never ran again.)
-    from tokemb_fast import FusedInputEmbedding
-    fused_calls, forward = [], FusedInputEmbedding.forward
-    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: fused_calls.append(1) or forward(*a, **k))
+    fused_calls = counting_fused_calls(monkeypatch)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config()).to(DEVICE).eval()
     original = copy.deepcopy(model)
@@ -224,9 +223,7 @@ def test_a_pre_hook_on_the_model_that_looks_up_tokens_sees_them(monkeypatch):
     # A forward pre-hook added to the model after the swap (logging its input embeddings; FSDP2's
     # unsharding is one too) runs outside the call's frame: it once got the zero placeholder, and
     # the model then counted the token rows twice. The call itself stays fused.
-    from tokemb_fast import FusedInputEmbedding
-    fused_calls, forward = [], FusedInputEmbedding.forward
-    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: fused_calls.append(1) or forward(*a, **k))
+    fused_calls = counting_fused_calls(monkeypatch)
     original, swapped = pair(GPT2Model)
     fused_calls.clear()
     seen = {}

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
 from conftest import TRITON_DEVICE, launches_of  # noqa: E402
+from helpers import counting_fused_calls  # noqa: E402
 from tokemb_fast import FusedEncoderEmbedding, supported_families, swap_input_embeddings  # noqa: E402
 
 DEVICE = TRITON_DEVICE
@@ -230,8 +231,7 @@ def test_one_table_cast_to_another_dtype_after_the_swap_runs_as_the_original(bac
     # calls run the module's own forward instead of raising. Cast back, they are fused again.
     original, swapped = pair(family)
     original, swapped = (getattr(model, builders()[family][1]) for model in (original, swapped))  # (heads: tied)
-    calls, forward = [], FusedEncoderEmbedding.forward
-    monkeypatch.setattr(FusedEncoderEmbedding, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls = counting_fused_calls(monkeypatch, FusedEncoderEmbedding)
     ids, mask = padded_batch()
     for model in (original, swapped):
         getattr(model.embeddings, cast).to(torch.bfloat16)

@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
 from conftest import TRITON_DEVICE, launches_of  # noqa: E402
+from helpers import counting_fused_calls  # noqa: E402
 from tokemb_fast import swap_input_embeddings  # noqa: E402
 
 DEVICE = TRITON_DEVICE.type
@@ -185,14 +186,6 @@ def test_a_biogpt_scale_the_fused_op_cannot_take_runs_as_the_original(backend, s
         swap_input_embeddings(copy.deepcopy(original))
 
 
-def counting_fused_calls(monkeypatch):
-    """A list with one entry per FusedInputEmbedding call (the fused path, on either backend)."""
-    from tokemb_fast import FusedInputEmbedding
-    calls, forward = [], FusedInputEmbedding.forward
-    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    return calls
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("patch", ["token wrapped", "position wrapped", "position replaced"])
 def test_forwards_wrapped_or_replaced_after_the_swap_are_honoured(backend, family, patch, monkeypatch):
@@ -240,8 +233,9 @@ def test_one_table_cast_to_another_dtype_after_the_swap_runs_as_the_original(bac
     token_name, position_name = token_and_position_names(swapped)
     fused_calls = counting_fused_calls(monkeypatch)
     ids, mask = left_padded()
+    name = token_name if cast == "token" else position_name
     for model in (original, swapped):
-        model.get_submodule(token_name if cast == "token" else position_name).to(torch.bfloat16)
+        model.get_submodule(name).to(torch.bfloat16)
     expected = original(input_ids=ids, attention_mask=mask).last_hidden_state
     got = swapped(input_ids=ids, attention_mask=mask).last_hidden_state
     assert got.dtype == expected.dtype == torch.float32
@@ -251,7 +245,7 @@ def test_one_table_cast_to_another_dtype_after_the_swap_runs_as_the_original(bac
     got.square().mean().backward()
     assert_same_gradients(original, swapped)
     for model in (original, swapped):
-        model.get_submodule(token_name if cast == "token" else position_name).to(torch.float32)
+        model.get_submodule(name).to(torch.float32)
     torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).last_hidden_state,
                                original(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=1e-5, atol=1e-5)
     assert fused_calls == [1]
@@ -346,9 +340,7 @@ def test_one_table_replaced_after_the_swap_is_fused_in_turn(backend, family, rep
         setattr(model.get_submodule(parent) if parent else model, attribute, new)
     ids, mask = left_padded()
     kernel_launches.clear()
-    from tokemb_fast import FusedInputEmbedding
-    fused_calls, forward = [], FusedInputEmbedding.forward
-    monkeypatch.setattr(FusedInputEmbedding, "forward", lambda *a, **k: fused_calls.append(1) or forward(*a, **k))
+    fused_calls = counting_fused_calls(monkeypatch)
     torch.testing.assert_close(swapped(input_ids=ids, attention_mask=mask).logits,
                                original(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
     assert launches_of(kernel_launches, "input_embedding_fwd_kernel") == (1 if backend == "triton" else 0)

@@ -175,11 +175,13 @@ def _embed(model, tok_emb, pos_emb, dropout, input_ids, past_length=0, batched_p
     have seen in the unswapped model (batched_positions: the original looks positions up as [1, T])."""
     fused = model.__dict__[_FUSED]
     wrapped = fused._modules
+    mixed = _mixed_dtypes(tok_emb, pos_emb)
     if wrapped["tok_emb"] is not tok_emb or wrapped["pos_emb"] is not pos_emb or wrapped["drop"] is not dropout \
-            or _any_bypassed(tok_emb, pos_emb, dropout) or _mixed_dtypes(tok_emb, pos_emb):
+            or _any_bypassed(tok_emb, pos_emb, dropout) or mixed:
         # (_plain: the kind, a forward of its own or replaced, forward or backward hooks.)
-        if _first(lambda: _plain(tok_emb, nn.Embedding, "tok_emb"), lambda: _plain(pos_emb, nn.Embedding, "pos_emb"),
-                  lambda: _plain(dropout, nn.Dropout, "dropout")) is not None or _mixed_dtypes(tok_emb, pos_emb):
+        if mixed or _first(lambda: _plain(tok_emb, nn.Embedding, "tok_emb"),
+                           lambda: _plain(pos_emb, nn.Embedding, "pos_emb"),
+                           lambda: _plain(dropout, nn.Dropout, "dropout")) is not None:
             positions = torch.arange(past_length, past_length + input_ids.shape[-1], device=input_ids.device)
             return dropout(tok_emb(input_ids) + pos_emb(positions[None] if batched_positions else positions))
         if torch.compiler.is_compiling():  # (no module is built in a traced region: the same call without one)
